@@ -1,0 +1,55 @@
+"""The ``crfs`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import config
+from .errors import SnapshotError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import ServeError, serve
+
+    overrides = {"root": args.root, "address": args.address, "log_level": args.log_level}
+    try:
+        cfg = config.load(args.config, overrides)
+    except config.ConfigError as exc:
+        print(f"crfs serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        serve(cfg)
+    except (ServeError, SnapshotError, OSError) as exc:
+        logging.getLogger("crfs").error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crfs", description="containerd remote snapshotter with lazy pulling")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve containerd's Snapshots API on a unix socket")
+    serve.add_argument("--root", type=Path, help="state directory (default /var/lib/containerd-crfs as root)")
+    serve.add_argument("--address", type=Path, help="unix socket path (default /run/containerd-crfs/containerd-crfs-grpc.sock as root)")
+    serve.add_argument("--config", type=Path, help="TOML config file (see config/crfs.toml)")
+    serve.add_argument("--log-level", choices=config.LOG_LEVELS)
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""crfs configuration: defaults, the TOML file, command-line overrides.
+
+Defaults follow the field's conventions (stargz-snapshotter,
+fuse-overlayfs-snapshotter): system paths as root, XDG paths otherwise.
+Every option is documented in config/crfs.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Optional
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SYNC_MODES = ("normal", "full")
+
+
+class ConfigError(Exception):
+    """The config file or an option is wrong; the message says which."""
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home() / fallback
+
+
+def default_config_path() -> Path:
+    if os.geteuid() == 0:
+        return Path("/etc/containerd-crfs/config.toml")
+    return _xdg("XDG_CONFIG_HOME", ".config") / "containerd-crfs" / "config.toml"
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    address: Path
+    socket_group: str = ""  # non-empty: socket mode 0660, owned by this group
+    log_level: str = "info"
+    # SQLite synchronous mode: "full" survives power loss, "normal" survives
+    # a crash of crfs (WAL) and is faster.
+    metadata_sync: str = "full"
+    grpc_workers: int = 8
+
+    @classmethod
+    def defaults(cls) -> "Config":
+        if os.geteuid() == 0:
+            return cls(root=Path("/var/lib/containerd-crfs"), address=Path("/run/containerd-crfs/containerd-crfs-grpc.sock"))
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
+        return cls(
+            root=_xdg("XDG_DATA_HOME", ".local/share") / "containerd-crfs",
+            address=Path(runtime) / "containerd-crfs" / "containerd-crfs-grpc.sock",
+        )
+
+    def merged(self, values: dict[str, Any], source: str) -> "Config":
+        """A copy with ``values`` (from a file or flags) applied and checked."""
+        known = {f.name: f for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            if name not in known:
+                raise ConfigError(f"{source}: unknown option {name!r} (known: {', '.join(sorted(known))})")
+            if name in ("root", "address"):
+                value = Path(value)
+                if not value.is_absolute():
+                    raise ConfigError(f"{source}: {name} must be an absolute path, not {str(value)!r}")
+            elif name == "grpc_workers":
+                if not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"{source}: grpc_workers must be a positive integer")
+            elif not isinstance(value, str):
+                raise ConfigError(f"{source}: {name} must be a string")
+            changes[name] = value
+        cfg = replace(self, **changes)
+        if cfg.log_level not in LOG_LEVELS:
+            raise ConfigError(f"{source}: log_level must be one of {', '.join(LOG_LEVELS)}")
+        if cfg.metadata_sync not in SYNC_MODES:
+            raise ConfigError(f"{source}: metadata_sync must be one of {', '.join(SYNC_MODES)}")
+        return cfg
+
+
+def load(path: Optional[Path], overrides: dict[str, Any]) -> Config:
+    """Defaults, then the file (``path``, or the default path if it exists), then flags."""
+    cfg = Config.defaults()
+    explicit = path is not None
+    path = path or default_config_path()
+    if explicit or path.exists():
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+        cfg = cfg.merged(data, str(path))
+    return cfg.merged(overrides, "command line")

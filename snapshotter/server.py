@@ -1,0 +1,123 @@
+"""``crfs serve``: the Snapshots service on a unix socket, until a signal.
+
+Owns the process-level concerns: one server per root (a lock file), the
+socket's creation and permissions, gRPC health, and a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import logging
+import os
+import signal
+import socket
+import threading
+from concurrent import futures
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+
+from .config import Config
+from .service import SERVICE_NAME, SnapshotsService
+from .snapshots import CrashPoint, Snapshotter
+from .store import MetaStore
+
+log = logging.getLogger(__name__)
+
+# Crash tests name a point (see Snapshotter) in this variable; the server then
+# kills itself with SIGKILL exactly there. Unset in production.
+CRASH_POINT_ENV = "CRFS_TEST_CRASH_POINT"
+
+
+class ServeError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+def _lock_root(root: Path, stack: ExitStack) -> None:
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / "crfs.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    stack.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ServeError(f"another crfs serve is using root {root}") from None
+
+
+def _clear_stale_socket(path: Path) -> None:
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: left by a crashed server
+        return
+    finally:
+        probe.close()
+    raise ServeError(f"socket {path} is in use by another server")
+
+
+def _bind(server: grpc.Server, cfg: Config) -> None:
+    path = cfg.address
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    _clear_stale_socket(path)
+    # the socket must never exist with looser permissions, not even briefly
+    old_umask = os.umask(0o177)
+    try:
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise ServeError(f"cannot listen on {path}")
+    finally:
+        os.umask(old_umask)
+    if cfg.socket_group:
+        try:
+            gid = grp.getgrnam(cfg.socket_group).gr_gid
+        except KeyError:
+            raise ServeError(f"socket_group {cfg.socket_group!r} does not exist") from None
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+
+
+def _crash_point() -> Optional[CrashPoint]:
+    target = os.environ.get(CRASH_POINT_ENV)
+    if not target:
+        return None
+
+    def crash(name: str) -> None:
+        if name == target:
+            log.warning("crash point %s reached: killing myself", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash
+
+
+def serve(cfg: Config) -> None:
+    """Serves until SIGTERM or SIGINT; raises ServeError if it cannot start."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    with ExitStack() as stack:
+        _lock_root(cfg.root, stack)
+        store = MetaStore(cfg.root / "metadata.db", synchronous=cfg.metadata_sync)
+        stack.callback(store.close)
+        snapshotter = Snapshotter(cfg.root, store, crash_point=_crash_point())
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"))
+        pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        _bind(server, cfg)
+        server.start()
+        stack.callback(lambda: server.stop(grace=5).wait())
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s (root %s)", SERVICE_NAME, cfg.address, cfg.root)
+        stop.wait()
+        log.info("shutting down")
+        health_servicer.enter_graceful_shutdown()
+    log.info("stopped")
