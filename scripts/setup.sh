@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs everything crfs, its tests and its demo need on a fresh Debian 12
+# machine (run as root), then installs crfs itself into .venv/.
+# Idempotent and quick when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  containerd runc                 # containerd 1.6 + ctr, the OCI runtime
+  fuse3 libfuse3-dev fuse-overlayfs
+  docker-registry skopeo umoci busybox-static
+  golang-go golang-github-containerd-containerd-dev   # containerd's snapshotter test suite
+  golang-github-containerd-stargz-snapshotter-dev     # the eStargz reference sources
+  python3 python3-venv python3-dev
+  iproute2 procps util-linux ca-certificates
+)
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup.sh: run as root (it installs Debian packages)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# containerd is started by the tests and the demo with their own roots and
+# sockets; the packaged system service is not needed.
+systemctl disable --now containerd >/dev/null 2>&1 || true
+
+# crfs and its Python dependencies, isolated from the system's Python
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import snapshotter, grpc, pytest' >/dev/null 2>&1 \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch .venv/.installed
+fi
+echo "setup: done ($(.venv/bin/crfs --help >/dev/null && echo crfs ready))"

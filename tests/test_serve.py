@@ -1,0 +1,103 @@
+"""``crfs serve`` as an operator runs it: signals, sockets, config, one server per root."""
+
+from __future__ import annotations
+
+import grp
+import os
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from conftest import connect
+from harness.crfs import CrfsServer
+
+
+def _run_serve(*args, timeout=30):
+    return subprocess.run(["crfs", "serve", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_exits_cleanly_on_signal(tmp_path, sig):
+    server = CrfsServer(tmp_path / "root", tmp_path / "s.sock")
+    with server:
+        client = connect(server)
+        client.stub.Prepare(pb.PrepareSnapshotRequest(key="a"))
+        client.channel.close()
+        server.daemon.signal(sig)
+        server.daemon.wait_until(lambda: not server.alive(), "exiting", 20)
+        assert server.stop() == 0, server.stderr_tail()
+    assert not (tmp_path / "s.sock").exists()
+    assert "shutting down" in server.stderr_tail()
+    # the snapshot survived the restart
+    with CrfsServer(tmp_path / "root", tmp_path / "s.sock") as again:
+        client = connect(again)
+        assert client.stub.Stat(pb.StatSnapshotRequest(key="a")).info.kind == pb.ACTIVE
+        client.channel.close()
+
+
+def test_one_server_per_root(tmp_path):
+    with CrfsServer(tmp_path / "root", tmp_path / "a.sock"):
+        second = _run_serve("--root", str(tmp_path / "root"), "--address", str(tmp_path / "b.sock"))
+    assert second.returncode == 1
+    assert "another crfs serve is using root" in second.stderr
+
+
+def test_refuses_a_socket_in_use_and_clears_a_stale_one(tmp_path):
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(tmp_path / "busy.sock"))
+    live.listen()
+    try:
+        res = _run_serve("--root", str(tmp_path / "r1"), "--address", str(tmp_path / "busy.sock"))
+        assert res.returncode == 1 and "in use" in res.stderr
+    finally:
+        live.close()
+    # now nobody listens on it: a leftover of a crash, replaced
+    with CrfsServer(tmp_path / "r2", tmp_path / "busy.sock") as server:
+        connect(server).stub.Prepare(pb.PrepareSnapshotRequest(key="a"))
+
+
+def test_socket_group_from_config(tmp_path):
+    group = grp.getgrnam("daemon")
+    cfg = tmp_path / "crfs.toml"
+    cfg.write_text(f'root = "{tmp_path}/root"\naddress = "{tmp_path}/g.sock"\nsocket_group = "daemon"\nlog_level = "debug"\n')
+    with CrfsServer(tmp_path / "root", tmp_path / "g.sock", extra_args=["--config", str(cfg)]):
+        st = os.stat(tmp_path / "g.sock")
+        assert st.st_mode & 0o777 == 0o660 and st.st_gid == group.gr_gid
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("root = [", "not valid TOML"),
+        ('bogus = 1', "unknown option 'bogus'"),
+        ('root = "relative/dir"', "absolute path"),
+        ('log_level = "loud"', "log_level must be one of"),
+        ('grpc_workers = 0', "positive integer"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, content, message):
+    cfg = tmp_path / "crfs.toml"
+    cfg.write_text(content + "\n")
+    res = _run_serve("--config", str(cfg), "--root", str(tmp_path / "r"), "--address", str(tmp_path / "s.sock"))
+    assert res.returncode == 2
+    assert message in res.stderr and str(cfg) in res.stderr
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    res = _run_serve("--config", str(tmp_path / "nope.toml"))
+    assert res.returncode == 2 and "cannot read config" in res.stderr
+
+
+def test_default_paths_follow_conventions(monkeypatch):
+    from snapshotter.config import Config
+
+    root = Config.defaults()
+    assert (str(root.root), str(root.address)) == ("/var/lib/containerd-crfs", "/run/containerd-crfs/containerd-crfs-grpc.sock")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.local/share")
+    user = Config.defaults()
+    assert (str(user.root), str(user.address)) == ("/home/u/.local/share/containerd-crfs", "/run/user/1000/containerd-crfs/containerd-crfs-grpc.sock")
