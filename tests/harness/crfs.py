@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from .mounts import unmount_all
-from .proc import Daemon, HarnessError, require_binary, unix_socket_accepts
+from .proc import Daemon, HarnessError, Managed, require_binary, unix_socket_accepts
 
 
-class CrfsServer:
+class CrfsServer(Managed):
     """``with CrfsServer(root, sock) as srv:`` serves until the block ends.
 
     ``root`` and ``address`` belong to the caller and are kept on exit, so a
@@ -79,14 +79,9 @@ class CrfsServer:
             return HarnessError(f"crfs: {message} (never started)")
         return self.daemon.fail(message)
 
-    def __enter__(self) -> "CrfsServer":
-        try:
-            self.start()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+    def _start(self) -> None:
+        self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def _stop(self) -> None:
         self.stop()
         unmount_all(self.root)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Self, Sequence
 
 TAIL_BYTES = 4000
 
@@ -98,6 +98,30 @@ def _text(data: object) -> str:
     if isinstance(data, bytes):
         return data.decode(errors="replace")
     return data or ""
+
+
+class Managed:
+    """A context manager whose ``stop`` also runs when ``start`` fails
+    halfway, so a daemon that started but never became ready is not left
+    behind. Subclasses write ``_start`` and a ``_stop`` that tolerates a
+    partial start."""
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
 
 
 class Daemon:
