@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 from concurrent import futures
 from contextlib import ExitStack
 from pathlib import Path
@@ -98,9 +97,12 @@ def _crash_point() -> Optional[CrashPoint]:
 
 def serve(cfg: Config) -> None:
     """Serves until SIGTERM or SIGINT; raises ServeError if it cannot start."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    # Blocked before any thread starts (threads inherit the mask) and taken
+    # with sigwait: a Python signal handler that sets an Event can deadlock on
+    # the Event's own lock, and a signal during start-up must not be lost.
+    # Child processes inherit the mask: unblock these in any child started.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     with ExitStack() as stack:
         _lock_root(cfg.root, stack)
         store = MetaStore(cfg.root / "metadata.db", synchronous=cfg.metadata_sync)
@@ -117,7 +119,7 @@ def serve(cfg: Config) -> None:
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (root %s)", SERVICE_NAME, cfg.address, cfg.root)
-        stop.wait()
-        log.info("shutting down")
+        received = signal.sigwait(stop_signals)
+        log.info("shutting down (%s)", signal.Signals(received).name)
         health_servicer.enter_graceful_shutdown()
     log.info("stopped")
