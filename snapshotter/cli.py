@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lazyfs import cli as lazyfs_cli
+
 from . import config
 from .errors import SnapshotError
 
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML config file (see config/crfs.toml)")
     serve.add_argument("--log-level", choices=config.LOG_LEVELS)
     serve.set_defaults(func=_serve)
+    lazyfs_cli.register(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from conftest import CrfsClient, connect
+from harness.snapshots_client import CrfsClient, connect
 from harness.crfs import CrfsServer
 
 CRASH_ENV = "CRFS_TEST_CRASH_POINT"

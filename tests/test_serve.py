@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from conftest import connect
+from harness.snapshots_client import connect
 from harness.crfs import CrfsServer
 
 

@@ -6,6 +6,7 @@ database; asking crfs itself is the only way to see what the backend holds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -13,6 +14,8 @@ import grpc
 
 from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+
+from .crfs import CrfsServer
 
 SNAPSHOTTER = "crfs"
 
@@ -59,3 +62,35 @@ def crfs_snapshot_names(address: Path) -> list[str]:
     """Names of every snapshot the crfs server on ``address`` holds."""
     with SnapshotsClient(address) as client:
         return sorted(info.name for info in client.list())
+
+
+@dataclass
+class CrfsClient:
+    """A running server and a raw stub, for tests that call the API directly."""
+
+    server: CrfsServer
+    channel: grpc.Channel
+    stub: pb_grpc.SnapshotsStub
+
+    @property
+    def root(self) -> Path:
+        return self.server.root
+
+    @property
+    def address(self) -> Path:
+        return self.server.address
+
+    def state(self) -> tuple:
+        """Everything a call could change: every snapshot's info, every directory."""
+        infos = sorted(
+            (i.name, i.parent, i.kind, sorted(i.labels.items()), i.created_at.ToNanoseconds(), i.updated_at.ToNanoseconds())
+            for r in self.stub.List(pb.ListSnapshotsRequest())
+            for i in r.info
+        )
+        dirs = sorted(str(p.relative_to(self.root)) for p in (self.root / "snapshots").rglob("*"))
+        return infos, dirs
+
+
+def connect(server: CrfsServer) -> CrfsClient:
+    channel = grpc.insecure_channel(f"unix:{server.address}")
+    return CrfsClient(server, channel, pb_grpc.SnapshotsStub(channel))
