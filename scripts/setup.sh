@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   containerd runc                 # containerd 1.6 + ctr, the OCI runtime
-  fuse3 libfuse3-dev fuse-overlayfs
+  fuse3 libfuse3-dev fuse-overlayfs gcc pkg-config   # pyfuse3 is built from source
   docker-registry skopeo umoci busybox-static
   golang-go golang-github-containerd-containerd-dev   # containerd's snapshotter test suite
   golang-github-containerd-stargz-snapshotter-dev     # the eStargz reference sources
