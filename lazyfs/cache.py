@@ -1,0 +1,247 @@
+"""Verified, uncompressed chunks on disk, shared by every mount and process.
+
+One file per chunk, ``ROOT/chunks/<blob-hex[:2]>/<blob-hex>/<offset>-<inner>-<size>``:
+a blob's bytes are fixed by its digest, so the chunk's place in the blob
+names its content. Files are written to ``ROOT/tmp`` and renamed into place,
+so a reader (in any process) sees a whole chunk or none; what a crash may
+still leave behind (a temp file, a file truncated by a power loss before it
+reached the disk) is never served, because ``get`` checks the length and,
+when the chunk has one, its digest before returning anything.
+
+The cache is bounded: ``get`` touches a file's mtime, and when the bytes on
+disk exceed ``max_bytes`` the least recently used files are removed (one
+process at a time, under an ``flock``; a reader that loses the race to an
+eviction just sees a miss).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hmac
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .stargz.digest import digest_of, new_hasher
+from .stargz.toc import ChunkRef
+
+log = logging.getLogger(__name__)
+
+_TMP_MAX_AGE = 600.0  # seconds before an orphaned temp file is removed
+
+
+class CacheError(Exception):
+    """The cache directory cannot be used at all (not a crash-leftover)."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """``max_bytes``: the size limit; eviction brings usage down to
+    ``low_water`` of it. ``verify_on_read``: re-check chunk digests when
+    serving (cheap next to a FUSE round trip, and catches a disk that lied).
+    ``rescan_fraction``: how much this process may add, as a fraction of the
+    limit, before it re-measures the directory (other processes add too)."""
+
+    max_bytes: int = 10 << 30
+    low_water: float = 0.9
+    verify_on_read: bool = True
+    rescan_fraction: float = 0.1
+
+
+class ChunkCache:
+    """``get``/``put`` verified chunk bytes by (blob digest, chunk). Thread-safe."""
+
+    def __init__(self, root: str | os.PathLike[str], config: CacheConfig = CacheConfig()) -> None:
+        self.root = Path(root)
+        self.config = config
+        self._chunks = self.root / "chunks"
+        self._tmp = self.root / "tmp"
+        try:
+            self._chunks.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create chunk cache at {self.root}: {exc}") from exc
+        self._lock = threading.Lock()
+        self._counts = {"hits": 0, "misses": 0, "stored": 0, "bad_entries": 0, "evicted": 0, "evicted_bytes": 0}
+        self._usage = self._measure()[0]
+        self._added_since_scan = 0
+
+    # --- keys -------------------------------------------------------------
+
+    def path_for(self, blob_digest: str, chunk: ChunkRef) -> Path:
+        """Where ``chunk`` of ``blob_digest`` lives (whether or not it is there)."""
+        algo, _, hexpart = blob_digest.partition(":")
+        if not hexpart or not hexpart.isalnum() or not algo.isalnum():
+            raise ValueError(f"not a blob digest: {blob_digest!r}")
+        name = f"{chunk.blob_offset}-{chunk.inner_offset}-{chunk.size}"
+        return self._chunks / hexpart[:2] / f"{algo}-{hexpart}" / name
+
+    # --- read / write -----------------------------------------------------
+
+    def get(self, blob_digest: str, chunk: ChunkRef) -> bytes | None:
+        """The chunk's bytes, or None when absent or not provably whole."""
+        path = self.path_for(blob_digest, chunk)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(chunk.size + 1)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("chunk cache: cannot read %s: %s", path, exc)
+            self._count("misses")
+            return None
+        if len(data) != chunk.size or not self._digest_ok(chunk, data):
+            log.warning("chunk cache: discarding bad entry %s (%d bytes, want %d)", path, len(data), chunk.size)
+            self._discard(path)
+            self._count("bad_entries")
+            self._count("misses")
+            return None
+        try:
+            os.utime(path)  # the LRU clock
+        except OSError:
+            pass  # evicted meanwhile: the bytes we hold are still good
+        self._count("hits")
+        return data
+
+    def contains(self, blob_digest: str, chunk: ChunkRef) -> bool:
+        """Whether a file of the right size is there (no digest check)."""
+        try:
+            return self.path_for(blob_digest, chunk).stat().st_size == chunk.size
+        except FileNotFoundError:
+            return False
+
+    def put(self, blob_digest: str, chunk: ChunkRef, data: bytes) -> bool:
+        """Store verified, uncompressed chunk bytes (atomically); False when
+        the disk would not take them."""
+        if len(data) != chunk.size:
+            raise ValueError(f"chunk at {chunk.blob_offset} is {chunk.size} bytes, got {len(data)}")
+        path = self.path_for(blob_digest, chunk)
+        tmp = self._tmp / f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            self._rename_into_place(tmp, path)
+        except OSError as exc:
+            self._discard(tmp)
+            log.warning("chunk cache: cannot store %s: %s", path, exc)
+            return False  # a cache that cannot write is a slower cache, not a failed read
+        self._count("stored")
+        with self._lock:
+            self._usage += len(data)
+            self._added_since_scan += len(data)
+            over = self._usage > self.config.max_bytes
+            stale = self._added_since_scan > self.config.max_bytes * self.config.rescan_fraction
+        if over or stale:
+            try:
+                self.evict()
+            except OSError as exc:
+                log.warning("chunk cache: eviction failed: %s", exc)
+        return True
+
+    def _rename_into_place(self, tmp: Path, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+
+    # --- size limit -------------------------------------------------------
+
+    def evict(self) -> int:
+        """Bring usage under the low-water mark, oldest-used first; returns
+        the bytes removed (0 when another process is evicting right now)."""
+        lock_fd = os.open(self.root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    return 0
+                raise
+            self._remove_stale_tmp()
+            usage, files = self._measure()
+            removed = 0
+            if usage > self.config.max_bytes:
+                target = self.config.max_bytes * self.config.low_water
+                files.sort()  # by mtime: least recently used first
+                for _mtime, size, path in files:
+                    if usage - removed <= target:
+                        break
+                    if self._discard(path):
+                        removed += size
+                        self._count("evicted")
+                        self._count("evicted_bytes", size)
+            with self._lock:
+                self._usage = usage - removed
+                self._added_since_scan = 0
+            return removed
+        finally:
+            os.close(lock_fd)
+
+    def usage(self) -> int:
+        """Bytes of chunks on disk as of the last measurement plus our own writes."""
+        with self._lock:
+            return self._usage
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._counts, "usage_bytes": self._usage, "max_bytes": self.config.max_bytes}
+
+    def _measure(self) -> tuple[int, list[tuple[float, int, Path]]]:
+        total, files = 0, []
+        for shard in _scandir(self._chunks):
+            for blob in _scandir(Path(shard.path)):
+                for entry in _scandir(Path(blob.path)):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    total += st.st_size
+                    files.append((st.st_mtime, st.st_size, Path(entry.path)))
+        return total, files
+
+    def _remove_stale_tmp(self) -> None:
+        cutoff = time.time() - _TMP_MAX_AGE
+        for entry in _scandir(self._tmp):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+    # --- helpers ----------------------------------------------------------
+
+    def _digest_ok(self, chunk: ChunkRef, data: bytes) -> bool:
+        if not (self.config.verify_on_read and chunk.digest):
+            return True
+        hasher = new_hasher(chunk.digest)
+        hasher.update(data)
+        return hmac.compare_digest(digest_of(hasher), chunk.digest)
+
+    def _discard(self, path: Path) -> bool:
+        try:
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("chunk cache: cannot remove %s: %s", path, exc)
+            return False
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+
+def _scandir(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -1,0 +1,327 @@
+"""Chunks of a remote layer, fetched on demand: the ``ChunkStore`` of a lazy mount.
+
+A read's chunks come from the shared ``ChunkCache`` when they are there;
+the rest are fetched with as few Range requests as possible (neighbouring
+chunks, and chunks a small gap apart, are merged into one range),
+decompressed and verified with ``decode_chunk``, stored, returned.
+
+Why the machinery:
+- FUSE issues reads from many threads, often for the same chunk (readahead,
+  several processes reading one file): a chunk being fetched has one
+  in-flight future, and everyone who needs it waits on that one.
+- A read must never hang: every ``get_many`` has a deadline; past it the
+  read fails with ``ChunkUnavailable`` (the fetch itself goes on, bounded by
+  the registry client's own retry budget, and its result is still cached).
+- Bytes that fail verification are never returned nor cached; the range is
+  fetched once more (a flipped bit on the wire is not a poisoned blob), then
+  the read fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .cache import ChunkCache
+from .chunks import ChunkUnavailable
+from .stargz.errors import FormatError, VerificationError
+from .stargz.reader import decode_chunk
+from .stargz.source import BlobSource, read_exactly
+from .stargz.toc import ChunkRef
+
+log = logging.getLogger(__name__)
+
+ChunkKey = tuple[int, int, int]  # (blob_offset, inner_offset, size)
+
+
+def chunk_key(chunk: ChunkRef) -> ChunkKey:
+    return chunk.blob_offset, chunk.inner_offset, chunk.size
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """``max_concurrent``: range requests in flight at once (foreground).
+    ``deadline``: seconds one ``get_many`` may take before ChunkUnavailable.
+    ``gap``: chunks at most this many blob bytes apart share one request.
+    ``max_span``: no foreground request asks for more than this (unless a
+    single chunk is larger). ``verify_retries``: refetches of a range whose
+    bytes failed verification. ``cache_unverified``: also cache chunks that
+    have no digest (legacy stargz); only for a blob verified some other way."""
+
+    max_concurrent: int = 4
+    deadline: float = 60.0
+    gap: int = 32 << 10
+    max_span: int = 4 << 20
+    verify_retries: int = 1
+    cache_unverified: bool = False
+
+
+@dataclass(frozen=True)
+class Span:
+    """One Range request: ``[offset, end)`` of the blob, covering ``chunks``."""
+
+    offset: int
+    end: int
+    chunks: tuple[ChunkRef, ...]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.offset
+
+
+def plan_spans(chunks: Sequence[ChunkRef], gap: int, max_span: int | None) -> list[Span]:
+    """Group chunks (any order, no duplicates) into ranges: a chunk joins the
+    previous range when it starts within ``gap`` of its end and the range
+    stays within ``max_span`` bytes (None: no limit)."""
+    spans: list[Span] = []
+    start = end = 0
+    group: list[ChunkRef] = []
+    for chunk in sorted(chunks, key=lambda c: c.blob_offset):
+        off, length = chunk.compressed_range
+        fits = max_span is None or max(end, off + length) - start <= max_span
+        if group and off - end <= gap and fits:
+            group.append(chunk)
+            end = max(end, off + length)
+            continue
+        if group:
+            spans.append(Span(start, end, tuple(group)))
+        start, end, group = off, off + length, [chunk]
+    if group:
+        spans.append(Span(start, end, tuple(group)))
+    return spans
+
+
+class _Counters:
+    """The numbers ``stats()`` reports; one lock, no globals."""
+
+    NAMES = (
+        "requests", "bytes_fetched", "chunks_fetched", "chunks_cached", "chunks_from_cache",
+        "chunks_joined", "errors", "digest_failures", "timeouts",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self.NAMES, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+class RemoteChunks:
+    """``ChunkStore`` over a remote blob (any ``BlobSource``) and a ``ChunkCache``.
+
+    ``blob_digest`` keys the cache: it must be the digest of the blob the
+    source reads. ``cache`` None means no cache (every miss is a fetch).
+    """
+
+    def __init__(
+        self,
+        source: BlobSource,
+        blob_digest: str,
+        cache: ChunkCache | None,
+        config: FetchConfig = FetchConfig(),
+    ) -> None:
+        self.source = source
+        self.blob_digest = blob_digest
+        self.cache = cache
+        self.config = config
+        self._counters = _Counters()
+        self._lock = threading.Lock()
+        self._inflight: dict[ChunkKey, Future[bytes]] = {}
+        self._reads = 0  # foreground get_many calls waiting on fetches
+        self._idle = threading.Condition(self._lock)
+        self._pool = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="lazyfs-fetch")
+        self._closed = False
+
+    # --- the ChunkStore interface ------------------------------------------
+
+    def get_many(self, chunks: Sequence[ChunkRef]) -> list[bytes]:
+        """Verified bytes of each chunk, in order, within ``config.deadline``."""
+        deadline = time.monotonic() + self.config.deadline
+        with self._foreground():
+            waits, owned = self._claim(chunks)
+            for span in plan_spans(owned, self.config.gap, self.config.max_span):
+                try:
+                    self._pool.submit(self._fetch_span, span, waits)
+                except RuntimeError:  # closed meanwhile
+                    self._fail(span.chunks, waits, ChunkUnavailable("chunk store is closed"))
+            got = {key: self._wait(fut, deadline) for key, fut in waits.items()}
+        return [got[chunk_key(c)] for c in chunks]
+
+    # --- for the prefetcher --------------------------------------------------
+
+    def fetch(self, chunks: Sequence[ChunkRef], *, max_span: int | None = None) -> None:
+        """Make ``chunks`` local, fetching in the calling thread (``max_span``
+        None: one request for all the missing ones if they are neighbours)."""
+        deadline = time.monotonic() + self.config.deadline
+        waits, owned = self._claim(chunks)
+        for span in plan_spans(owned, self.config.gap, max_span):
+            self._fetch_span(span, waits)
+        for fut in waits.values():
+            self._wait(fut, deadline)
+
+    def is_local(self, chunk: ChunkRef) -> bool:
+        return self.cache is not None and self.cache.contains(self.blob_digest, chunk)
+
+    def wait_for_no_reads(self, timeout: float | None = None) -> bool:
+        """Block while foreground reads are fetching; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._reads == 0, timeout)
+
+    # --- status and lifecycle ----------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        out = self._counters.snapshot()
+        with self._lock:
+            out["in_flight"] = len(self._inflight)
+        return out
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the fetch threads (``wait``: let running fetches finish)."""
+        self._closed = True
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def __enter__(self) -> RemoteChunks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -----------------------------------------------------------
+
+    @contextmanager
+    def _foreground(self) -> Iterator[None]:
+        with self._lock:
+            self._reads += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._reads -= 1
+                if self._reads == 0:
+                    self._idle.notify_all()
+
+    def _claim(self, chunks: Sequence[ChunkRef]) -> tuple[dict[ChunkKey, Future[bytes]], list[ChunkRef]]:
+        """A future for every distinct chunk; the ones this call owns (no one
+        else is fetching them) are looked up in the cache and, if missing,
+        returned to be fetched. Checking the cache only after claiming means
+        a chunk finished by someone else meanwhile is seen in the cache."""
+        if self._closed:
+            raise ChunkUnavailable("chunk store is closed")
+        waits: dict[ChunkKey, Future[bytes]] = {}
+        mine: list[ChunkRef] = []
+        with self._lock:
+            for chunk in chunks:
+                key = chunk_key(chunk)
+                if key in waits:
+                    continue
+                fut = self._inflight.get(key)
+                if fut is None:
+                    fut = self._inflight[key] = Future()
+                    mine.append(chunk)
+                else:
+                    self._counters.add("chunks_joined")
+                waits[key] = fut
+        owned: list[ChunkRef] = []
+        try:
+            for chunk in mine:
+                data = self.cache.get(self.blob_digest, chunk) if self.cache is not None else None
+                if data is None:
+                    owned.append(chunk)
+                else:
+                    self._counters.add("chunks_from_cache")
+                    self._resolve(chunk, waits, data)
+        except BaseException as exc:  # a claimed future must never be left unanswered
+            self._fail(mine, waits, ChunkUnavailable(f"blob {self.blob_digest}: cache lookup failed: {exc!r}"))
+            raise
+        return waits, owned
+
+    def _wait(self, fut: Future[bytes], deadline: float) -> bytes:
+        try:
+            return fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            self._counters.add("timeouts")
+            raise ChunkUnavailable(
+                f"blob {self.blob_digest}: chunk not fetched within {self.config.deadline:g}s"
+            ) from None
+
+    def _resolve(
+        self, chunk: ChunkRef, futs: dict[ChunkKey, Future[bytes]], data: bytes | None, error: BaseException | None = None
+    ) -> None:
+        """Answer the future this caller owns for ``chunk`` (once) and retire it."""
+        key = chunk_key(chunk)
+        fut = futs[key]
+        with self._lock:
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(data)  # type: ignore[arg-type]
+
+    def _fetch_span(self, span: Span, futs: dict[ChunkKey, Future[bytes]]) -> None:
+        """Fetch, verify, cache and resolve every chunk of ``span``; every
+        future it owns is resolved, whatever happens."""
+        pending = list(span.chunks)
+        try:
+            for attempt in range(self.config.verify_retries + 1):
+                for part in plan_spans(pending, self.config.gap, None) if attempt else [span]:
+                    pending = [c for c in pending if c not in part.chunks] + self._fetch_once(part, futs)
+                if not pending:
+                    return
+            self._counters.add("errors")
+            self._fail(pending, futs, ChunkUnavailable(
+                f"blob {self.blob_digest}: {len(pending)} chunk(s) failed verification "
+                f"{self.config.verify_retries + 1} time(s); not served"
+            ))
+        except ChunkUnavailable as exc:
+            self._counters.add("errors")
+            self._fail(pending, futs, exc)
+        except BaseException as exc:  # never leave a waiter without an answer
+            self._counters.add("errors")
+            self._fail(pending, futs, ChunkUnavailable(f"blob {self.blob_digest}: {exc!r}"))
+            raise
+
+    def _fetch_once(self, span: Span, futs: dict[ChunkKey, Future[bytes]]) -> list[ChunkRef]:
+        """One request for ``span``; returns the chunks that failed verification."""
+        self._counters.add("requests")
+        try:
+            raw = read_exactly(self.source, span.offset, span.length)
+        except Exception as exc:  # noqa: BLE001 - any source failure is an unreadable range
+            log.warning("blob %s: range %d+%d failed: %s", self.blob_digest, span.offset, span.length, exc)
+            raise ChunkUnavailable(f"blob {self.blob_digest}: range {span.offset}+{span.length}: {exc}") from exc
+        self._counters.add("bytes_fetched", len(raw))
+        bad = []
+        for chunk in span.chunks:
+            off, length = chunk.compressed_range
+            lo = off - span.offset
+            try:
+                data = decode_chunk(chunk, [raw[lo : lo + length]])
+            except (VerificationError, FormatError) as exc:
+                self._counters.add("digest_failures")
+                log.error("blob %s: chunk at %d failed verification: %s", self.blob_digest, off, exc)
+                bad.append(chunk)
+                continue
+            self._counters.add("chunks_fetched")
+            if self.cache is not None and (chunk.digest or self.config.cache_unverified):
+                if self.cache.put(self.blob_digest, chunk, data):
+                    self._counters.add("chunks_cached")
+            self._resolve(chunk, futs, data)
+        return bad
+
+    def _fail(self, chunks: Sequence[ChunkRef], futs: dict[ChunkKey, Future[bytes]], error: BaseException) -> None:
+        for chunk in chunks:
+            self._resolve(chunk, futs, None, error)

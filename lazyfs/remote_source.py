@@ -1,0 +1,133 @@
+"""Blobs on the network as ``BlobSource``s, so ``StargzReader.open`` can read
+a layer's footer and TOC remotely and the fetcher its chunks' byte ranges.
+
+``RegistryBlobSource`` goes through the registry client (auth, mirrors,
+redirects, retries); ``HttpBlobSource`` is for a plain ``https://…/layer.stargz``
+URL (any server that honours Range). Neither verifies bytes: a range has no
+digest of its own; stargz chunks are verified against the TOC downstream.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import requests
+
+from .registry import NotFound, Repository
+from .registry.errors import IncompleteBody, ProtocolError, RegistryError, Unreachable
+from .registry.ranges import parse_content_range
+from .registry.retry import RETRY_STATUSES, Attempts
+
+T = TypeVar("T")
+
+
+class _RangedSource:
+    """``read_at`` clipped to the blob: the reader may ask past the end."""
+
+    _size: int
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self._size - offset)
+        return self._fetch(offset, length) if length > 0 else b""
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+
+class RegistryBlobSource(_RangedSource):
+    """One blob of a repository, read with HTTP Range requests."""
+
+    def __init__(self, repo: Repository, digest: str, size: int | None = None) -> None:
+        if size is None:
+            size = repo.blob_size(digest)
+            if size is None:
+                raise NotFound(f"blob {digest} does not exist", repo=repo.name, target=digest)
+        self.repo = repo
+        self.digest = digest
+        self._size = size
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        return self.repo.get_range(self.digest, offset, length)
+
+
+class HttpBlobSource(_RangedSource):
+    """A blob at a plain URL. Transient failures (connection errors, 5xx,
+    short bodies) are retried with backoff within ``retry_budget`` seconds."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = (5.0, 30.0),
+        max_attempts: int = 5,
+        retry_budget: float = 30.0,
+    ) -> None:
+        self.url = url
+        self._session = session or requests.Session()
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._budget = retry_budget
+        self._size = self._retrying(self._probe_size)
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        return self._retrying(lambda: self._get(offset, length))
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        attempts = Attempts(self._max_attempts, self._budget, 0.2, 5.0)
+        while True:
+            try:
+                return fn()
+            except (requests.RequestException, OSError, IncompleteBody, Unreachable) as exc:
+                if not attempts.wait():
+                    raise Unreachable(f"{self.url}: {exc}; gave up {attempts.gave_up_reason}") from None
+
+    def _probe_size(self) -> int:
+        with self._session.get(
+            self.url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"}, stream=True, timeout=self._timeout
+        ) as resp:
+            self._check(resp)
+            if resp.status_code == 206:
+                total = parse_content_range(resp.headers.get("Content-Range")).total
+                if total is None:
+                    raise ProtocolError(f"{self.url}: Content-Range without the blob size")
+                return total
+            length = resp.headers.get("Content-Length", "")
+            if not length.isdigit():
+                raise ProtocolError(f"{self.url}: neither Content-Range nor Content-Length")
+            return int(length)
+
+    def _get(self, offset: int, length: int) -> bytes:
+        header = f"bytes={offset}-{offset + length - 1}"
+        with self._session.get(
+            self.url, headers={"Range": header, "Accept-Encoding": "identity"}, stream=True, timeout=self._timeout
+        ) as resp:
+            self._check(resp)
+            skip = 0
+            if resp.status_code == 206:
+                start = parse_content_range(resp.headers.get("Content-Range")).start
+                if start != offset:
+                    raise ProtocolError(f"{self.url}: asked for byte {offset}, got {start}")
+            else:
+                skip = offset  # a 200: the whole blob; read only the prefix we need
+            data = resp.raw.read(skip + length, decode_content=False)[skip:]
+        if len(data) != length:
+            raise IncompleteBody(f"{self.url}: {len(data)} of {length} bytes at {offset}")
+        return data
+
+    def _check(self, resp: requests.Response) -> None:
+        if resp.status_code in (200, 206):
+            return
+        message = f"{self.url}: HTTP {resp.status_code}"
+        if resp.status_code in RETRY_STATUSES:
+            raise Unreachable(message, status=resp.status_code)
+        if resp.status_code == 404:
+            raise NotFound(message, status=404)
+        raise RegistryError(message, status=resp.status_code)
