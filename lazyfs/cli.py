@@ -1,8 +1,8 @@
-"""``crfs stargz ...``: build, verify, list and extract stargz / eStargz layers.
+"""``crfs stargz ...`` (build, verify, list and extract stargz / eStargz
+layers) and ``crfs convert``.
 
-``register(subparsers)`` adds the ``stargz`` command group to a parent
-argparse parser; each command sets ``func(args) -> exit code``. Run
-standalone as ``python -m lazyfs.cli stargz ...``.
+``register(subparsers)`` adds them to the ``crfs`` parser; each command sets
+``func(args) -> exit code``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from lazyfs.convert import ConvertError, Converter, ConvertOptions, LayerProgress, open_store
@@ -240,14 +240,3 @@ class TerminalProgress:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):7.1f} MiB"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crfs")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lazyfs import cli as lazyfs_cli
+from lazyfs import mount_cli
 
 from . import config
 from .errors import SnapshotError
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=config.LOG_LEVELS)
     serve.set_defaults(func=_serve)
     lazyfs_cli.register(sub)
+    mount_cli.register(sub)
     return parser
 
 

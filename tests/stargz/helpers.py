@@ -157,7 +157,7 @@ def go_ls(helper: Path, blob: Path) -> dict[str, dict]:
 def run_cli(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, "-m", "lazyfs.cli", "stargz", *map(str, args)],
+        [sys.executable, "-m", "snapshotter.cli", "stargz", *map(str, args)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
 

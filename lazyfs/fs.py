@@ -1,0 +1,201 @@
+"""The read-only FUSE filesystem of one layer (pyfuse3, low-level inode API).
+
+Metadata comes from the ``LayerTree`` built from the TOC at mount time and
+is answered without blocking; file bytes come from a ``ChunkStore`` through
+the ``ChunkMemo`` (the store's blocking calls run in a worker thread). A
+layer never changes, so entries, attributes and page cache are kept by the
+kernel for as long as it likes. A chunk that cannot be had or fails its
+digest makes the read fail with EIO: never wrong bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyfuse3
+
+from .chunkmemo import ChunkMemo
+from .chunks import ChunkStore
+from .stargz.toc import Toc
+from .tree import OPAQUE_XATTRS, ROOT_INODE, LayerTree, Node
+
+log = logging.getLogger(__name__)
+
+FOREVER = 365 * 24 * 3600.0  # seconds: the layer never changes under the kernel
+BLOCK = 4096
+FSNAME = "crfs-lazyfs"
+
+
+@dataclass
+class FsStats:
+    reads: int = 0
+    bytes_read: int = 0
+    read_errors: int = 0  # reads answered with EIO
+    last_error: str = ""
+
+
+def mount_options(*, allow_other: bool | None = None, fsname: str = FSNAME) -> set[str]:
+    """FUSE mount options for a layer; ``allow_other`` defaults to "when
+    root", so that containerd's and fuse-overlayfs's processes can read it."""
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    options = set(pyfuse3.default_options) | {"ro", "default_permissions", f"fsname={fsname}", "subtype=crfs"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+class LayerFS(pyfuse3.Operations):
+    """pyfuse3 operations over one layer's ``Toc`` and ``ChunkStore``."""
+
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self, toc: Toc, store: ChunkStore, *, memo: ChunkMemo | None = None,
+        opaque_xattrs: tuple[str, ...] = OPAQUE_XATTRS,
+    ) -> None:
+        super().__init__()
+        self.tree = LayerTree(toc, opaque_xattrs=opaque_xattrs)
+        self.memo = memo if memo is not None else ChunkMemo(store)
+        self.stats = FsStats()
+        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._negative = pyfuse3.EntryAttributes()
+        self._negative.st_ino = 0
+        self._negative.entry_timeout = FOREVER
+
+    # --- metadata ----------------------------------------------------------
+
+    def attributes(self, ino: int) -> pyfuse3.EntryAttributes:
+        """The (cached, never changing) attributes of an inode."""
+        attrs = self._attrs.get(ino)
+        if attrs is None:
+            attrs = self._attrs[ino] = _attributes(self._node(ino))
+        return attrs
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return self.attributes(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self.attributes(parent.ino)
+        if name == b"..":
+            return self.attributes(parent.parent)
+        child = self.tree.lookup(parent.ino, name) if parent.is_dir else None
+        if child is None:
+            return self._negative  # cached: the layer never gains entries
+        return self.attributes(child.ino)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if not stat.S_ISLNK(node.mode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.link_target
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._node(fh).listing
+        for index in range(start_id, len(listing)):
+            name, ino = listing[index]
+            if not pyfuse3.readdir_reply(token, name, self.attributes(ino), index + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._node(inode).xattrs.get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return list(self._node(inode).xattrs)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = BLOCK
+        data.f_blocks = -(-self.tree.total_size // BLOCK)
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self.tree)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # --- file data -----------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not node.is_reg:
+            raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        entry = self._node(fh).entry
+        chunks = self.tree.toc.chunks_for_range(entry.name, off, size)
+        if not chunks:
+            return b""
+        try:
+            datas = await self.memo.get_many(chunks)
+        except Exception as exc:  # noqa: BLE001 - ChunkUnavailable, or a store bug: neither may kill the mount
+            self._failed(entry.name, off, size, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        end = min(off + size, entry.size)
+        parts = []
+        for chunk, data in zip(chunks, datas):
+            lo = max(off - chunk.file_offset, 0)
+            hi = min(end - chunk.file_offset, chunk.size)
+            parts.append(data[lo:hi])
+        result = b"".join(parts)
+        self.stats.reads += 1
+        self.stats.bytes_read += len(result)
+        return result
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _node(self, ino: int) -> Node:
+        node = self.tree.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _failed(self, name: str, off: int, size: int, exc: BaseException) -> None:
+        self.stats.read_errors += 1
+        self.stats.last_error = f"{name}: {exc}"
+        log.error("read %r [%d, +%d) failed: %s", name, off, size, exc)
+
+
+def _attributes(node: Node) -> pyfuse3.EntryAttributes:
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = node.ino
+    attrs.generation = 0
+    attrs.st_mode = node.mode
+    attrs.st_nlink = node.nlink
+    attrs.st_uid = node.entry.uid
+    attrs.st_gid = node.entry.gid
+    attrs.st_rdev = node.rdev
+    attrs.st_size = BLOCK if node.is_dir else node.size
+    attrs.st_blksize = BLOCK
+    attrs.st_blocks = -(-attrs.st_size // 512)
+    ns = int(round(node.entry.mtime * 1e9))
+    attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = ns
+    attrs.entry_timeout = attrs.attr_timeout = FOREVER
+    return attrs
+
+
+__all__ = ["FOREVER", "FSNAME", "FsStats", "LayerFS", "ROOT_INODE", "mount_options"]

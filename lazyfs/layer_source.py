@@ -1,0 +1,125 @@
+"""From a source string to what a mount serves: the TOC and a ``ChunkStore``.
+
+Sources:
+- ``/path/layer.stargz``: a local blob (``LocalChunks``, no cache needed);
+- ``https://host/path/layer.stargz``: any server that honours Range;
+- ``registry://host/repo@sha256:…``: a blob of a registry repository, through
+  the registry client (auth, mirrors, retries).
+
+Remote chunks go through ``lazyfs.fetcher.RemoteChunks`` and, with a cache
+directory, the shared ``ChunkCache``; with ``prefetch`` the layer is fetched
+in the background (prioritized files first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chunks import ChunkStore, LocalChunks
+from .stargz.reader import StargzReader
+from .stargz.source import BlobSource, FileSource
+from .stargz.toc import Toc
+
+REGISTRY_SCHEME = "registry://"
+
+
+class UnsupportedSource(ValueError):
+    """The source string names nothing this process can open."""
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    cache_dir: str | None = None  # the shared chunk cache; None: no cache
+    blob_digest: str | None = None  # cache key of an https:// blob (registry blobs carry theirs)
+    # the prioritized files are always fetched at mount; then, unless this
+    # is off, the rest of the layer at low priority
+    background_fetch: bool = True
+
+
+@dataclass
+class OpenedLayer:
+    """What a mount needs from a source, and how to release it."""
+
+    toc: Toc
+    store: ChunkStore
+    source: str
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    status: Callable[[], dict[str, Any]] | None = None  # the store's own counters
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            with contextlib.suppress(Exception):
+                close()
+
+    def store_stats(self) -> dict[str, Any]:
+        """The remote store's counters (fetches, cache, prefetch), if any."""
+        return self.status() if self.status is not None else {}
+
+
+def open_layer(source: str, *, toc_digest: str | None = None, remote: RemoteOptions = RemoteOptions()) -> OpenedLayer:
+    """Fetch the footer and TOC of ``source`` (checked against ``toc_digest``)."""
+    if source.startswith(("https://", "http://")):
+        return _open_remote(source, _http_source(source), remote.blob_digest, toc_digest, remote)
+    if source.startswith(REGISTRY_SCHEME):
+        blob, digest, close = _registry_source(source)
+        return _open_remote(source, blob, digest, toc_digest, remote, [close])
+    if "://" in source:
+        raise UnsupportedSource(f"{source}: unknown scheme (want a path, https:// or {REGISTRY_SCHEME})")
+    blob = FileSource(source)
+    try:
+        reader = StargzReader.open(blob, toc_digest=toc_digest)
+    except BaseException:
+        blob.close()
+        raise
+    return OpenedLayer(reader.toc, LocalChunks(reader), source, [blob.close])
+
+
+def _http_source(url: str) -> BlobSource:
+    from .remote_source import HttpBlobSource  # noqa: PLC0415 - pulls in requests
+
+    return HttpBlobSource(url)
+
+
+def _registry_source(source: str) -> tuple[BlobSource, str, Callable[[], None]]:
+    from .registry.client import RegistryClient  # noqa: PLC0415
+    from .remote_source import RegistryBlobSource  # noqa: PLC0415
+
+    ref, sep, digest = source.removeprefix(REGISTRY_SCHEME).rpartition("@")
+    if not sep or not digest.startswith("sha256:"):
+        raise UnsupportedSource(f"{source}: want {REGISTRY_SCHEME}host/repo@sha256:…")
+    client = RegistryClient()
+    try:
+        return RegistryBlobSource(client.repository(ref), digest), digest, client.close
+    except BaseException:
+        client.close()
+        raise
+
+
+def _open_remote(
+    source: str, blob: BlobSource, blob_digest: str | None, toc_digest: str | None,
+    options: RemoteOptions, closers: list[Callable[[], None]] | None = None,
+) -> OpenedLayer:
+    """``lazyfs.remote_layer`` wires fetcher, cache and prefetcher; we only
+    pick the cache and keep what to close."""
+    from .cache import ChunkCache  # noqa: PLC0415 - remote only
+    from .prefetch import PrefetchConfig  # noqa: PLC0415
+    from .remote_layer import RemoteLayer  # noqa: PLC0415
+
+    closers = list(closers or [])
+    if hasattr(blob, "close"):
+        closers.append(blob.close)
+    try:
+        cache = ChunkCache(options.cache_dir) if options.cache_dir and blob_digest else None
+        remote = RemoteLayer.open(blob, blob_digest or "", cache, toc_digest=toc_digest,
+                                  prefetch=PrefetchConfig(background=options.background_fetch))
+        closers.append(remote.close)
+        remote.start()
+    except BaseException:
+        for close in reversed(closers):
+            with contextlib.suppress(Exception):
+                close()
+        raise
+    return OpenedLayer(remote.reader.toc, remote.store, source, closers, status=remote.status)

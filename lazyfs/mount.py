@@ -1,0 +1,300 @@
+"""One layer mount process, and starting / stopping / querying it.
+
+``python -m lazyfs.mount --source BLOB --mountpoint DIR`` opens the layer
+(footer + TOC only), mounts it with FUSE, tells its parent it is ready
+(``--ready-fd``: one line ``ready`` written to that fd once the mount is in
+place), serves until SIGTERM/SIGINT (then unmounts) or until someone
+unmounts it (then exits), and answers status queries on a unix socket:
+connect, read one JSON object, done. The snapshotter's supervisor and
+``crfs mount`` both start it this way, so a layer mount outlives whoever
+started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyfuse3
+import trio
+
+from .fs import LayerFS, mount_options
+from .layer_source import OpenedLayer, RemoteOptions, open_layer
+from .tree import OPAQUE_XATTRS
+
+log = logging.getLogger(__name__)
+
+READY = b"ready\n"
+START_TIMEOUT = 30.0
+
+
+class MountError(Exception):
+    """A layer could not be mounted, unmounted or queried."""
+
+
+# --- the mount process ---------------------------------------------------------
+
+
+def serve(
+    layer: OpenedLayer, mountpoint: str, *, control: str | None = None, ready: Callable[[], None] = lambda: None,
+    allow_other: bool | None = None, opaque_xattrs: tuple[str, ...] = OPAQUE_XATTRS,
+) -> None:
+    """Mount ``layer`` at ``mountpoint`` and serve it until a signal or an
+    external unmount; always leaves the mountpoint unmounted."""
+    fs = LayerFS(layer.toc, layer.store, opaque_xattrs=opaque_xattrs)
+    pyfuse3.init(fs, mountpoint, mount_options(allow_other=allow_other))
+    external = trio.Event()  # set when someone else unmounted us
+    try:
+        ready()
+
+        def status() -> dict[str, Any]:
+            return {
+                "pid": os.getpid(),
+                "source": layer.source,
+                "mountpoint": mountpoint,
+                "toc_digest": layer.toc.digest,
+                "entries": len(fs.tree),
+                **asdict(fs.stats),
+                **asdict(fs.memo.stats),
+                "store": layer.store_stats(),
+            }
+
+        async def run() -> None:
+            async with trio.open_nursery() as nursery:
+                if control:
+                    await nursery.start(_serve_control, control, status)
+                nursery.start_soon(_fuse_main, nursery.cancel_scope, external)
+                await _until_signal()
+                nursery.cancel_scope.cancel()
+
+        trio.run(run)
+    finally:
+        log.info("leaving %s (%s)", mountpoint, "unmounted from outside" if external.is_set() else "unmounting")
+        pyfuse3.close(unmount=not external.is_set())
+        if control:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(control)
+
+
+async def _fuse_main(scope: trio.CancelScope, external: trio.Event) -> None:
+    """pyfuse3's loop; it returns when the filesystem is unmounted from outside."""
+    await pyfuse3.main()
+    external.set()
+    scope.cancel()
+
+
+async def _until_signal() -> None:
+    """Returns once SIGTERM/SIGINT/SIGHUP arrives."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            return
+
+
+async def _serve_control(path: str, status: Callable[[], dict[str, Any]], task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Each connection gets the status as one JSON line, then EOF."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+
+    async def answer(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(json.dumps(status()).encode() + b"\n")
+        await stream.aclose()
+
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    await trio.serve_listeners(answer, [listener])
+
+
+# --- starting, stopping and querying mounts ----------------------------------------
+
+
+def state_dir() -> Path:
+    """Where control sockets and logs of layer mounts live."""
+    if explicit := os.environ.get("CRFS_LAZYFS_STATE"):
+        return Path(explicit)
+    if os.geteuid() == 0:
+        return Path("/run/crfs/lazyfs")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/crfs-{os.geteuid()}"
+    return Path(runtime, "crfs", "lazyfs")
+
+
+def control_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The control socket of the mount at ``mountpoint`` (by its real path)."""
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:20]
+    return state_dir() / f"{key}.sock"
+
+
+def start(
+    source: str, mountpoint: str | os.PathLike[str], *, toc_digest: str | None = None,
+    remote: RemoteOptions = RemoteOptions(), timeout: float = START_TIMEOUT,
+) -> int:
+    """Start a detached mount process and wait until it has mounted; its pid."""
+    mountpoint = os.path.realpath(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint} is not a directory")
+    control = control_path(mountpoint)
+    control.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = control.with_suffix(".log")
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "lazyfs.mount", "--source", source, "--mountpoint", mountpoint,
+           "--control", str(control), "--ready-fd", str(write_fd)]
+    if toc_digest:
+        cmd += ["--toc-digest", toc_digest]
+    cmd += remote_args(remote)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+    try:
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                    pass_fds=(write_fd,), start_new_session=True, env=env)
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        line = _read_line(ready, timeout)
+    if line == READY:
+        return proc.pid
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+    raise MountError(f"mounting {source} at {mountpoint} failed:\n{_tail(log_path)}")
+
+
+def remote_args(remote: RemoteOptions) -> list[str]:
+    args = []
+    if remote.cache_dir:
+        args += ["--cache-dir", remote.cache_dir]
+    if remote.blob_digest:
+        args += ["--blob-digest", remote.blob_digest]
+    if not remote.background_fetch:
+        args.append("--no-background-fetch")
+    return args
+
+
+def _read_line(stream: BinaryIO, timeout: float) -> bytes:
+    if not select.select([stream], [], [], timeout)[0]:
+        return b""
+    return stream.readline()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def status(mountpoint: str | os.PathLike[str], *, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the mount process serving ``mountpoint`` for its counters."""
+    path = control_path(mountpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError as exc:
+            raise MountError(f"no lazyfs mount answers at {path}: {exc}") from None
+    return json.loads(data)
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def unmount(mountpoint: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
+    """Unmount a layer (or any FUSE mount) and wait for its process to exit."""
+    pid = None
+    with contextlib.suppress(MountError, ValueError):
+        pid = status(mountpoint, timeout=1.0).get("pid")
+    proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if proc.returncode != 0 and is_mounted(mountpoint):
+        lazy = subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, text=True)
+        if lazy.returncode != 0:
+            raise MountError(f"cannot unmount {mountpoint}: {proc.stderr.strip()} / {lazy.stderr.strip()}")
+    if pid:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and is_alive(pid):
+            time.sleep(0.05)
+
+
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+# --- entry point -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lazyfs.mount", description="serve one stargz/eStargz layer over FUSE")
+    p.add_argument("--source", required=True, help="/path/layer.stargz, https://…, or registry://host/repo@sha256:…")
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--toc-digest", help="expected TOC digest; then every chunk is verified")
+    p.add_argument("--control", help="unix socket answering status queries")
+    p.add_argument("--ready-fd", type=int, help="fd to write 'ready' to once mounted")
+    p.add_argument("--foreground", action="store_true", help="accepted for compatibility: this process always serves in the foreground")
+    p.add_argument("--cache-dir", help="shared chunk cache of remote layers")
+    p.add_argument("--blob-digest", help="digest of an https:// blob (keys the cache)")
+    p.add_argument("--no-background-fetch", dest="background_fetch", action="store_false", help="fetch only what is read (and the prioritized files)")
+    p.add_argument("--no-allow-other", action="store_true", help="do not let other users read the mount")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")
+    try:
+        remote = RemoteOptions(cache_dir=args.cache_dir, blob_digest=args.blob_digest, background_fetch=args.background_fetch)
+        layer = open_layer(args.source, toc_digest=args.toc_digest, remote=remote)
+    except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
+        log.error("cannot open %s: %s", args.source, exc)
+        return 1
+
+    def ready() -> None:
+        log.info("mounted %s at %s", args.source, args.mountpoint)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, READY)
+            os.close(args.ready_fd)
+
+    try:
+        serve(layer, args.mountpoint, control=args.control, ready=ready,
+              allow_other=False if args.no_allow_other else None)
+    except Exception as exc:  # noqa: BLE001
+        log.error("serving %s failed: %s", args.mountpoint, exc)
+        return 1
+    finally:
+        layer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""A layer's TOC as the inode table a filesystem serves: pure data, no FUSE.
+
+The tree is built once per mount and never changes, so inode numbers are
+stable for the mount's life (and, being assigned in name order, across
+mounts of the same layer). It presents the layer the way containerd's
+applier leaves it on disk for overlayfs, which is also what fuse-overlayfs
+reads from a lower directory:
+
+- ``.wh.NAME`` (a whiteout) becomes ``NAME``, a character device 0/0 owned
+  as the whiteout was; if the layer also has a real ``NAME`` next to it,
+  the real one wins and the whiteout is hidden;
+- ``.wh..wh..opq`` is hidden and its directory gets the xattrs
+  ``trusted.overlay.opaque=y`` (what containerd's applier sets) and
+  ``user.overlay.opaque=y``: measured with fuse-overlayfs 1.10, both work
+  as root, but in a user namespace (rootless) the kernel hides ``trusted.*``
+  and only the ``user.`` one makes the directory opaque. The reference
+  stargz-snapshotter presents both by default too;
+- the stargz format's own files in the root (the prefetch landmarks and the
+  TOC member ``stargz.index.json``) are hidden, as the reference
+  stargz-snapshotter does: they are artifacts of the format, not image
+  content.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .stargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, EntryType, Toc, TocEntry
+
+ROOT_INODE = 1
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+OPAQUE_XATTRS = (OPAQUE_XATTR, "user.overlay.opaque")
+OPAQUE_VALUE = b"y"
+HIDDEN_IN_ROOT = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME})
+
+_KIND = {
+    EntryType.DIR: stat.S_IFDIR,
+    EntryType.REG: stat.S_IFREG,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHAR: stat.S_IFCHR,
+    EntryType.BLOCK: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+}
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One inode: a TOC entry (hardlinks share their target's node) or a
+    synthetic whiteout device."""
+
+    ino: int
+    entry: TocEntry
+    mode: int  # file type and permission bits, as st_mode
+    nlink: int
+    size: int
+    rdev: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    link_target: bytes = b""  # symlinks
+    parent: int = ROOT_INODE  # directories: the directory holding it
+    children: dict[bytes, int] = field(default_factory=dict)  # directories: name -> inode
+    listing: list[tuple[bytes, int]] = field(default_factory=list)  # directories: sorted children
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+class LayerTree:
+    """Inode number -> ``Node`` for every visible object of one layer."""
+
+    def __init__(self, toc: Toc, *, opaque_xattrs: tuple[str, ...] = OPAQUE_XATTRS) -> None:
+        self.toc = toc
+        self._opaque = [name.encode() for name in opaque_xattrs]
+        self._nodes: dict[int, Node] = {}
+        self._by_name: dict[str, int] = {}
+        self._total_size = 0
+        self._build()
+
+    def __getitem__(self, ino: int) -> Node:
+        return self._nodes[ino]
+
+    def get(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self._nodes.values())
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        """The child ``name`` of directory ``parent``, or None."""
+        ino = self._nodes[parent].children.get(name)
+        return None if ino is None else self._nodes[ino]
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of regular file data, each inode counted once."""
+        return self._total_size
+
+    def _build(self) -> None:
+        entries = sorted((e for e in self.toc if e.type is not EntryType.HARDLINK), key=lambda e: e.name)
+        for entry in entries:  # the root ("") sorts first and gets ROOT_INODE
+            self._add(entry)
+        for entry in entries:
+            if entry.type is EntryType.DIR:
+                self._fill_directory(entry)
+        self._total_size = sum(n.size for n in self._nodes.values() if n.is_reg)
+
+    def _add(self, entry: TocEntry) -> Node:
+        ino = len(self._nodes) + ROOT_INODE
+        node = Node(
+            ino=ino,
+            entry=entry,
+            # Linux symlinks are always rwxrwxrwx, whatever the tar header says
+            mode=stat.S_IFLNK | 0o777 if entry.type is EntryType.SYMLINK else _KIND[entry.type] | (entry.mode & 0o7777),
+            nlink=entry.nlink,
+            size=entry.size,
+            xattrs={os.fsencode(k): v for k, v in entry.xattrs.items()},
+        )
+        if entry.type in (EntryType.CHAR, EntryType.BLOCK):
+            node.rdev = os.makedev(entry.dev_major, entry.dev_minor)
+        if entry.type is EntryType.SYMLINK:
+            node.link_target = os.fsencode(entry.link_name)
+            node.size = len(node.link_target)
+        self._nodes[ino] = node
+        self._by_name[entry.name] = ino
+        return node
+
+    def _whiteout(self, whiteout: TocEntry) -> Node:
+        """The char 0/0 device containerd's applier makes for a ``.wh.`` entry."""
+        ino = len(self._nodes) + ROOT_INODE
+        node = Node(ino=ino, entry=whiteout, mode=stat.S_IFCHR, nlink=1, size=0, rdev=0)
+        self._nodes[ino] = node
+        return node
+
+    def _fill_directory(self, entry: TocEntry) -> None:
+        node = self._nodes[self._by_name[entry.name]]
+        children = self.toc.children(entry.name)
+        whiteouts = []
+        for name, child in children.items():
+            if not entry.name and name in HIDDEN_IN_ROOT:
+                continue
+            if name == OPAQUE_MARKER:
+                node.xattrs.update(dict.fromkeys(self._opaque, OPAQUE_VALUE))
+                continue
+            if name.startswith(WHITEOUT_PREFIX):
+                whiteouts.append((name[len(WHITEOUT_PREFIX) :], child))
+                continue
+            target = self._nodes[self._by_name[self.toc.resolve(child).name]]
+            node.children[os.fsencode(name)] = target.ino
+            if target.is_dir:
+                target.parent = node.ino
+        for name, child in sorted(whiteouts, key=lambda w: w[1].name):
+            key = os.fsencode(name)
+            if key not in node.children and name:
+                node.children[key] = self._whiteout(child).ino
+        node.listing = sorted(node.children.items())

@@ -1,0 +1,79 @@
+"""``crfs mount docker://…``: an image's layers mounted lazily from a real
+registry and merged with fuse-overlayfs; ``crfs umount`` undoes it all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from harness.registry import Registry
+from lazyfs import image_mount, mount
+from lazyfs.registry import RegistryClient
+from lazyfs.stargz.reader import StargzReader
+from lazyfs.stargz.source import FileSource
+
+from .helpers import force_unmount, kill, run_crfs
+from .test_overlay import EXPECTED_TOP, two_layers
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _push_image(host: str, layers: list[Path]) -> str:
+    """An OCI image of eStargz ``layers`` (bottom first) at host/lazy/img:v1."""
+    ref = f"{host}/lazy/img"
+    descriptors = []
+    with RegistryClient() as client:
+        repo = client.repository(ref)
+        for path in layers:
+            blob = path.read_bytes()
+            with FileSource(path) as source:
+                toc_digest = StargzReader.open(source).toc.digest
+            repo.push_blob(blob, _digest(blob))
+            descriptors.append({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _digest(blob), "size": len(blob),
+                "annotations": {image_mount.TOC_DIGEST_ANNOTATION: toc_digest},
+            })
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+        repo.push_blob(config, _digest(config))
+        manifest = {
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(config), "size": len(config)},
+            "layers": descriptors,
+        }
+        repo.push_manifest(json.dumps(manifest).encode(), OCI_MANIFEST, tag="v1")
+    return f"docker://{ref}:v1"
+
+
+
+def test_crfs_mount_docker_image(tmp_path: Path) -> None:
+    merged = tmp_path / "rootfs"
+    merged.mkdir()
+    with Registry(tmp_path / "registry") as registry:
+        ref = _push_image(registry.host, list(two_layers(tmp_path)))
+        proc = run_crfs("mount", ref, str(merged), "--cache-dir", str(tmp_path / "cache"))
+        assert proc.returncode == 0, proc.stderr
+        pids = json.loads(proc.stdout)["pids"]
+        layer_dirs = [image_mount.image_dir(merged) / "layers" / str(i) for i in range(2)]
+        try:
+            assert len(pids) == 2 and all(mount.is_mounted(d) for d in layer_dirs)
+            assert sorted(os.listdir(merged)) == EXPECTED_TOP
+            assert sorted(os.listdir(merged / "d")) == ["z"]
+            assert (merged / "c").read_bytes() == b"new c"
+            (merged / "new-file").write_text("writable")
+            assert mount.status(layer_dirs[1])["reads"] >= 1
+            proc = run_crfs("umount", str(merged))
+            assert proc.returncode == 0, proc.stderr
+            assert not mount.is_mounted(merged) and not any(mount.is_mounted(d) for d in layer_dirs)
+            assert not image_mount.image_dir(merged).exists()
+        finally:
+            force_unmount(merged)
+            for d in layer_dirs:
+                force_unmount(d)
+            for pid in pids:
+                kill(pid)
