@@ -37,6 +37,9 @@ class RemoteOptions:
     # the prioritized files are always fetched at mount; then, unless this
     # is off, the rest of the layer at low priority
     background_fetch: bool = True
+    # a read that cannot get its chunks within this many seconds fails with
+    # EIO; registry requests are bounded by it too
+    fetch_deadline: float = 60.0
 
 
 @dataclass
@@ -64,7 +67,7 @@ def open_layer(source: str, *, toc_digest: str | None = None, remote: RemoteOpti
     if source.startswith(("https://", "http://")):
         return _open_remote(source, _http_source(source), remote.blob_digest, toc_digest, remote)
     if source.startswith(REGISTRY_SCHEME):
-        blob, digest, close = _registry_source(source)
+        blob, digest, close = _registry_source(source, remote)
         return _open_remote(source, blob, digest, toc_digest, remote, [close])
     if "://" in source:
         raise UnsupportedSource(f"{source}: unknown scheme (want a path, https:// or {REGISTRY_SCHEME})")
@@ -83,14 +86,16 @@ def _http_source(url: str) -> BlobSource:
     return HttpBlobSource(url)
 
 
-def _registry_source(source: str) -> tuple[BlobSource, str, Callable[[], None]]:
+def _registry_source(source: str, options: RemoteOptions) -> tuple[BlobSource, str, Callable[[], None]]:
     from .registry.client import RegistryClient  # noqa: PLC0415
+    from .registry.config import RegistryConfig  # noqa: PLC0415
     from .remote_source import RegistryBlobSource  # noqa: PLC0415
 
     ref, sep, digest = source.removeprefix(REGISTRY_SCHEME).rpartition("@")
     if not sep or not digest.startswith("sha256:"):
         raise UnsupportedSource(f"{source}: want {REGISTRY_SCHEME}host/repo@sha256:…")
-    client = RegistryClient()
+    deadline = options.fetch_deadline
+    client = RegistryClient(RegistryConfig(read_timeout=min(30.0, deadline), retry_budget=deadline))
     try:
         return RegistryBlobSource(client.repository(ref), digest), digest, client.close
     except BaseException:
@@ -105,6 +110,7 @@ def _open_remote(
     """``lazyfs.remote_layer`` wires fetcher, cache and prefetcher; we only
     pick the cache and keep what to close."""
     from .cache import ChunkCache  # noqa: PLC0415 - remote only
+    from .fetcher import FetchConfig  # noqa: PLC0415
     from .prefetch import PrefetchConfig  # noqa: PLC0415
     from .remote_layer import RemoteLayer  # noqa: PLC0415
 
@@ -114,6 +120,7 @@ def _open_remote(
     try:
         cache = ChunkCache(options.cache_dir) if options.cache_dir and blob_digest else None
         remote = RemoteLayer.open(blob, blob_digest or "", cache, toc_digest=toc_digest,
+                                  fetch=FetchConfig(deadline=options.fetch_deadline),
                                   prefetch=PrefetchConfig(background=options.background_fetch))
         closers.append(remote.close)
         remote.start()

@@ -181,6 +181,7 @@ def remote_args(remote: RemoteOptions) -> list[str]:
     args = []
     if remote.cache_dir:
         args += ["--cache-dir", remote.cache_dir]
+    args += ["--fetch-deadline", str(remote.fetch_deadline)]
     if remote.blob_digest:
         args += ["--blob-digest", remote.blob_digest]
     if not remote.background_fetch:
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="accepted for compatibility: this process always serves in the foreground")
     p.add_argument("--cache-dir", help="shared chunk cache of remote layers")
     p.add_argument("--blob-digest", help="digest of an https:// blob (keys the cache)")
+    p.add_argument("--fetch-deadline", type=float, default=60.0, help="seconds before a read that cannot get its chunks fails with EIO")
     p.add_argument("--no-background-fetch", dest="background_fetch", action="store_false", help="fetch only what is read (and the prioritized files)")
     p.add_argument("--no-allow-other", action="store_true", help="do not let other users read the mount")
     p.add_argument("--debug", action="store_true")
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")
     try:
-        remote = RemoteOptions(cache_dir=args.cache_dir, blob_digest=args.blob_digest, background_fetch=args.background_fetch)
+        remote = RemoteOptions(cache_dir=args.cache_dir, blob_digest=args.blob_digest, background_fetch=args.background_fetch,
+                               fetch_deadline=args.fetch_deadline)
         layer = open_layer(args.source, toc_digest=args.toc_digest, remote=remote)
     except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
         log.error("cannot open %s: %s", args.source, exc)

@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="chunk cache for remote layers")
     p.add_argument("--blob-digest", metavar="D", help="digest of an https:// blob (keys the cache)")
     p.add_argument("--no-background-fetch", dest="background_fetch", action="store_false", help="fetch only what is read and the prioritized files, not the rest of the layer")
+    p.add_argument("--fetch-deadline", type=float, default=60.0, metavar="SECONDS", help="a read that cannot get its data within this fails with EIO (default 60)")
     p.add_argument("--foreground", action="store_true", help="serve from this process until SIGTERM / unmount")
     p.set_defaults(func=_mount)
 
@@ -37,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    remote = RemoteOptions(cache_dir=args.cache_dir, blob_digest=args.blob_digest, background_fetch=args.background_fetch)
+    remote = RemoteOptions(cache_dir=args.cache_dir, blob_digest=args.blob_digest, background_fetch=args.background_fetch,
+                           fetch_deadline=args.fetch_deadline)
     if args.source.startswith(image_mount.DOCKER_SCHEME):
         if args.foreground:
             print("crfs mount: --foreground is for one layer, not docker:// images", file=sys.stderr)
