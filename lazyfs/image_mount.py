@@ -4,8 +4,9 @@ merged with fuse-overlayfs into a writable root filesystem at DIR.
 Each layer is its own mount process (``lazyfs.mount``) reading the registry
 blob (``registry://…``); the merged view's upper and work directories, and a
 record of what was mounted, live in the state directory, keyed by DIR, so
-that ``crfs umount DIR`` can undo it all. The upper directory is scratch:
-it is removed with the mount.
+that ``crfs umount DIR`` can undo it all. The upper directory is scratch
+and removed with the mount, unless the caller names one (``upper``): that
+one, which holds every change made through DIR, is kept.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class ImageRecord:
     mountpoint: str
     layers: list[str]  # layer mountpoints, bottom first
     pids: list[int]
+    work: str = ""  # fuse-overlayfs work dir beside a caller's upper dir, removed on umount
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -53,8 +55,15 @@ def image_dir(mountpoint: str | os.PathLike[str]) -> Path:
     return mount.control_path(mountpoint).with_suffix(".image")
 
 
-def mount_image(reference: str, mountpoint: str | os.PathLike[str], *, remote: RemoteOptions = RemoteOptions()) -> ImageRecord:
-    """Mount every layer of ``reference`` and merge them at ``mountpoint``."""
+def mount_image(
+    reference: str,
+    mountpoint: str | os.PathLike[str],
+    *,
+    remote: RemoteOptions = RemoteOptions(),
+    upper: str | os.PathLike[str] | None = None,
+) -> ImageRecord:
+    """Mount every layer of ``reference`` and merge them at ``mountpoint``;
+    writes land in ``upper`` (kept) or in a scratch dir (removed on umount)."""
     from .registry.client import RegistryClient  # noqa: PLC0415 - registry only
 
     ref = reference.removeprefix(DOCKER_SCHEME)
@@ -77,7 +86,14 @@ def mount_image(reference: str, mountpoint: str | os.PathLike[str], *, remote: R
             record.pids.append(pid)
         if not record.layers:
             raise ImageMountError(f"{reference} has no layers")
-        _merge(record.layers, base, target)
+        if upper is None:
+            upper_dir, work_dir = base / "upper", base / "work"
+        else:
+            # the work dir must share the upper dir's filesystem (renames)
+            upper_dir = Path(upper).resolve()
+            work_dir = upper_dir.with_name(upper_dir.name + ".crfs-work")
+            record.work = str(work_dir)
+        _merge(record.layers, upper_dir, work_dir, target)
         record.save(base / "record.json")
     except BaseException:
         _undo(record, base, merged=False)
@@ -85,9 +101,8 @@ def mount_image(reference: str, mountpoint: str | os.PathLike[str], *, remote: R
     return record
 
 
-def _merge(layers: list[str], base: Path, target: str) -> None:
-    upper, work = base / "upper", base / "work"
-    upper.mkdir()
+def _merge(layers: list[str], upper: Path, work: Path, target: str) -> None:
+    upper.mkdir(parents=True, exist_ok=True)
     work.mkdir()
     lower = ":".join(reversed(layers))  # fuse-overlayfs wants the top layer first
     options = f"lowerdir={lower},upperdir={upper},workdir={work}"
@@ -125,4 +140,6 @@ def _undo(record: ImageRecord, base: Path, *, merged: bool) -> None:
             errors.append(str(exc))
     if errors:
         raise ImageMountError("; ".join(errors))
+    if record.work:
+        shutil.rmtree(record.work, ignore_errors=True)
     shutil.rmtree(base, ignore_errors=True)

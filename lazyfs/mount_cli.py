@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--blob-digest", metavar="D", help="digest of an https:// blob (keys the cache)")
     p.add_argument("--no-background-fetch", dest="background_fetch", action="store_false", help="fetch only what is read and the prioritized files, not the rest of the layer")
     p.add_argument("--fetch-deadline", type=float, default=60.0, metavar="SECONDS", help="a read that cannot get its data within this fails with EIO (default 60)")
+    p.add_argument("--upper", metavar="DIR", help="docker:// only: keep the writable layer here (default: scratch, removed on umount)")
     p.add_argument("--foreground", action="store_true", help="serve from this process until SIGTERM / unmount")
     p.set_defaults(func=_mount)
 
@@ -45,12 +46,15 @@ def _mount(args: argparse.Namespace) -> int:
             print("crfs mount: --foreground is for one layer, not docker:// images", file=sys.stderr)
             return 2
         try:
-            record = image_mount.mount_image(args.source, args.dir, remote=remote)
+            record = image_mount.mount_image(args.source, args.dir, remote=remote, upper=args.upper)
         except Exception as exc:  # noqa: BLE001 - registry, stargz and mount errors alike
             print(f"crfs mount: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({"mountpoint": record.mountpoint, "layers": len(record.layers), "pids": record.pids}))
         return 0
+    if args.upper:
+        print("crfs mount: --upper is for docker:// images", file=sys.stderr)
+        return 2
     if args.foreground:
         argv = ["--source", args.source, "--mountpoint", args.dir, "--control", str(mount.control_path(args.dir))]
         mount.control_path(args.dir).parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -77,3 +77,27 @@ def test_crfs_mount_docker_image(tmp_path: Path) -> None:
                 force_unmount(d)
             for pid in pids:
                 kill(pid)
+
+
+def test_crfs_mount_docker_image_keeps_a_named_upper_dir(tmp_path: Path) -> None:
+    merged, upper = tmp_path / "rootfs", tmp_path / "changes"
+    merged.mkdir()
+    with Registry(tmp_path / "registry") as registry:
+        ref = _push_image(registry.host, list(two_layers(tmp_path)))
+        proc = run_crfs("mount", ref, str(merged), "--upper", str(upper), "--no-background-fetch")
+        assert proc.returncode == 0, proc.stderr
+        pids = json.loads(proc.stdout)["pids"]
+        layer_dirs = [image_mount.image_dir(merged) / "layers" / str(i) for i in range(2)]
+        try:
+            (merged / "new-file").write_text("kept")
+            assert run_crfs("umount", str(merged)).returncode == 0
+            assert (upper / "new-file").read_text() == "kept"  # the changes outlive the mount
+            assert not (tmp_path / "changes.crfs-work").exists()
+        finally:
+            force_unmount(merged)
+            for d in layer_dirs:
+                force_unmount(d)
+            for pid in pids:
+                kill(pid)
+    bad = run_crfs("mount", "--upper", str(upper), str(tmp_path / "x.stargz"), str(merged))
+    assert bad.returncode == 2 and "docker://" in bad.stderr
