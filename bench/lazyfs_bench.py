@@ -1,0 +1,496 @@
+#!/usr/bin/env python3
+"""A lazyfs mount against the same layer extracted to a plain directory.
+
+Needs root (drop_caches, FUSE), /dev/fuse, fusermount3, docker-registry and
+/usr/bin/python3.11. Builds two eStargz layers, pushes them to a local
+docker-registry and mounts them as ``registry://`` sources through
+``lazyfs.mount.start`` (the real per-layer mount process), each with its own
+chunk cache and no background fetch (only what is read is fetched):
+
+- tree: /usr/lib/python3.11 + /usr/lib/python3 + /usr/share/doc (~12k entries);
+  ``find`` and an lstat of every path, cold and warm; a Python 3.11 start-up
+  (PYTHONHOME on the tree, -S -B) importing a set of stdlib modules, cold
+  and warm; the mount process's RSS after all that.
+- big: one 256 MiB file of random bytes; sequential read cold from the
+  registry (fresh cache), cold from the local cache (new mount, same cache,
+  page cache dropped) and warm (same mount again); 2000 random 4 KiB preads, warm.
+
+"cold" for the plain directory: right after ``echo 3 > /proc/sys/vm/drop_caches``;
+every lazyfs cold measurement also drops caches first (then mounts). Each
+repetition measures both sides, alternating which goes first; medians and
+ratios lazyfs/plain. Every mount, process and the registry are stopped at
+the end, also on Ctrl-C, SIGTERM or an exception.
+
+    sudo python3 bench/lazyfs_bench.py [--quick] [--reps N] [--big-mib 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness.registry import Registry  # noqa: E402
+from lazyfs import mount  # noqa: E402
+from lazyfs.layer_source import RemoteOptions  # noqa: E402
+from lazyfs.registry import RegistryClient, RegistryConfig  # noqa: E402
+from lazyfs.stargz.writer import build  # noqa: E402
+
+TREE_DIRS = ["/usr/lib/python3.11", "/usr/lib/python3", "/usr/share/doc"]
+PY = "/usr/bin/python3.11"
+IMPORTS = "json, email.parser, http.client, asyncio, decimal, xml.etree.ElementTree, argparse, logging, unittest, urllib.request, sqlite3, csv, dataclasses, typing"
+BIG_NAME = "data/big.bin"
+MIB = 1 << 20
+
+log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of ``pid`` in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def make_tar(dirs: list[str], out: Path) -> int:
+    """A tar of ``dirs`` (sorted walk, arcnames without the leading /); entry count."""
+    n = 0
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
+        for top in dirs:
+            parts = Path(top).parts[1:]
+            for i in range(1, len(parts)):  # parent directories first
+                tf.add("/" + "/".join(parts[:i]), arcname="/".join(parts[:i]), recursive=False)
+            for dirpath, dirnames, filenames in os.walk(top):
+                dirnames.sort()
+                for name in [dirpath, *(os.path.join(dirpath, f) for f in sorted(filenames))]:
+                    with contextlib.suppress(OSError):
+                        tf.add(name, arcname=name.lstrip("/"), recursive=False)
+                        n += 1
+    return n
+
+
+def extract(tar: Path, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-xpf", str(tar), "-C", str(dest), "--numeric-owner"], check=True)
+
+
+def read_all(path: Path) -> int:
+    buf = bytearray(MIB)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while n := os.readv(fd, [buf]):
+            total += n
+    finally:
+        os.close(fd)
+    return total
+
+
+def random_reads(path: Path, offsets: list[int]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off in offsets:
+            os.pread(fd, 4096, off)
+    finally:
+        os.close(fd)
+
+
+def lstat_all(root: Path, rels: list[str]) -> None:
+    base = str(root) + "/"
+    for rel in rels:
+        os.lstat(base + rel)
+
+
+def run_find(root: Path) -> None:
+    subprocess.run(["find", str(root)], stdout=subprocess.DEVNULL, check=True)
+
+
+def py_cmd() -> list[str]:
+    return [PY, "-S", "-B", "-c", f"import {IMPORTS}"]
+
+
+def run_python(root: Path) -> None:
+    env = {"PYTHONHOME": str(root / "usr"), "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+    subprocess.run(py_cmd(), env=env, check=True)
+
+
+def check_imports_from(root: Path) -> tuple[int, int]:
+    """With -v: (modules loaded from below ``root``, modules loaded from elsewhere)."""
+    env = {"PYTHONHOME": str(root / "usr"), "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+    proc = subprocess.run([PY, "-v", *py_cmd()[1:]], env=env, capture_output=True, text=True, check=True)
+    inside = outside = 0
+    for line in proc.stderr.splitlines():
+        if line.startswith("# code object from ") or line.startswith("# extension module"):
+            path = line.split("'")[1] if "'" in line else line
+            if line.startswith("# extension module"):
+                path = line.rsplit("from ", 1)[-1].strip("'")
+            if path.startswith(str(root) + "/"):
+                inside += 1
+            else:
+                outside += 1
+    return inside, outside
+
+
+class Mounts:
+    """Every mount this bench starts; ``close`` undoes them all."""
+
+    def __init__(self) -> None:
+        self.live: dict[Path, int] = {}
+
+    def start(self, source: str, mp: Path, toc: str, cache: Path) -> tuple[int, float]:
+        mp.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        pid = mount.start(source, mp, toc_digest=toc, remote=RemoteOptions(cache_dir=str(cache), background_fetch=False))
+        took = time.perf_counter() - t0
+        self.live[mp] = pid
+        return pid, took
+
+    def stop(self, mp: Path) -> None:
+        pid = self.live.pop(mp, None)
+        with contextlib.suppress(Exception):
+            mount.unmount(mp)
+        if mount.is_mounted(mp):
+            subprocess.run(["umount", "-l", str(mp)], capture_output=True)
+        if pid:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if not mount.is_alive(pid):
+                    break
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and mount.is_alive(pid):
+                    time.sleep(0.05)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def close(self) -> None:
+        for mp in list(self.live):
+            self.stop(mp)
+
+    @contextlib.contextmanager
+    def mounted(self, source: str, mp: Path, toc: str, cache: Path) -> Iterator[tuple[int, float]]:
+        pid, took = self.start(source, mp, toc, cache)
+        try:
+            yield pid, took
+        finally:
+            self.stop(mp)
+
+
+# --- the benchmark -------------------------------------------------------------------
+
+
+class Results:
+    def __init__(self) -> None:
+        self.data: dict[str, list[float]] = {}
+
+    def add(self, key: str, value: float) -> None:
+        self.data.setdefault(key, []).append(value)
+
+    def med(self, key: str) -> float:
+        return statistics.median(self.data[key])
+
+    def spread(self, key: str) -> str:
+        v = self.data[key]
+        return f"{min(v):.4g}-{max(v):.4g}"
+
+
+def machine() -> dict[str, str]:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    py311 = subprocess.run([PY, "-c", "import platform; print(platform.python_version())"], capture_output=True, text=True).stdout.strip()
+    return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
+            "python": platform.python_version(), "python3.11 (imports)": py311}
+
+
+def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextlib.ExitStack) -> None:
+    res = Results()
+    info: dict[str, object] = {}
+    os.environ["CRFS_LAZYFS_STATE"] = str(work / "state")
+
+    # --- layers
+    log("building the tree layer ...")
+    tree_tar = work / "tree.tar"
+    info["tree_entries"] = make_tar(TREE_DIRS, tree_tar)
+    tree_blob = build(tree_tar, work / "tree.esgz", level=6)
+    extract(tree_tar, work / "plain-tree")
+    info["tree_tar_mb"] = round(tree_tar.stat().st_size / 1e6, 1)
+    info["tree_blob_mb"] = round(tree_blob.size / 1e6, 1)
+    tree_tar.unlink()
+
+    log(f"building the {args.big_mib} MiB random-file layer ...")
+    big_src = work / "plain-big" / BIG_NAME
+    big_src.parent.mkdir(parents=True)
+    rng = random.Random(42)
+    with open(big_src, "wb") as f:
+        for _ in range(args.big_mib):
+            f.write(rng.randbytes(MIB))
+    big_tar = work / "big.tar"
+    with tarfile.open(big_tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(work / "plain-big" / "data", arcname="data", recursive=False)
+        tf.add(big_src, arcname=BIG_NAME)
+    big_blob = build(big_tar, work / "big.esgz", level=1)
+    big_tar.unlink()
+    info["big_blob_mb"] = round(big_blob.size / 1e6, 1)
+
+    # --- registry
+    registry = stack.enter_context(Registry(work / "registry"))
+    with RegistryClient(RegistryConfig(docker_config=Path("/nonexistent/config.json"))) as client:
+        for name, blob in (("tree", tree_blob), ("big", big_blob)):
+            with open(work / f"{name}.esgz", "rb") as f:
+                client.repository(f"{registry.host}/bench/{name}").push_blob(f, blob.digest)
+            (work / f"{name}.esgz").unlink()
+    tree_src = f"registry://{registry.host}/bench/tree@{tree_blob.digest}"
+    big_src_ref = f"registry://{registry.host}/bench/big@{big_blob.digest}"
+
+    plain_tree = work / "plain-tree"
+    rels = subprocess.run(["find", ".", "-mindepth", "1"], cwd=plain_tree, capture_output=True, text=True, check=True).stdout.split("\n")
+    rels = [r[2:] for r in rels if r]
+    info["tree_paths"] = len(rels)
+    mp = work / "mnt"
+
+    inside, outside = check_imports_from(plain_tree)
+    info["imports_plain (modules from tree / elsewhere)"] = f"{inside} / {outside}"
+    with mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / "cache-check"):
+        inside, outside = check_imports_from(mp)
+    info["imports_lazyfs (modules from mount / elsewhere)"] = f"{inside} / {outside}"
+    shutil.rmtree(work / "cache-check", ignore_errors=True)
+
+    offsets = [rng.randrange(0, (args.big_mib * MIB) // 4096) * 4096 for _ in range(args.random_reads)]
+    big_size = args.big_mib * MIB
+    mbps = lambda s: big_size / MIB / s  # noqa: E731
+
+    for rep in range(args.reps):
+        log(f"repetition {rep + 1}/{args.reps}")
+        order = ["plain", "lazy"] if rep % 2 == 0 else ["lazy", "plain"]
+        for side in order:
+            # metadata: find + lstat, cold then warm
+            if side == "plain":
+                drop_caches()
+                root = plain_tree
+                ctx = contextlib.nullcontext((None, 0.0))
+            else:
+                drop_caches()
+                ctx = mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / f"cache-tree-{rep}")
+                root = mp
+            with ctx as (pid, took):
+                if pid:
+                    res.add("mount_tree_s", took)
+                    res.add("rss_tree_mounted_kib", proc_status(pid)["VmRSS"])
+                res.add(f"find_cold_{side}", timed(lambda: run_find(root)))
+                res.add(f"lstat_cold_{side}", timed(lambda: lstat_all(root, rels)))
+                res.add(f"find_warm_{side}", timed(lambda: run_find(root)))
+                res.add(f"lstat_warm_{side}", timed(lambda: lstat_all(root, rels)))
+                if pid:
+                    st = proc_status(pid)
+                    res.add("rss_after_storm_kib", st["VmRSS"])
+                    res.add("hwm_after_storm_kib", st["VmHWM"])
+                    # python imports on a mount that has seen the storm: metadata warm, data cold
+                    res.add("py_meta_warm_data_cold_lazy", timed(lambda: run_python(root)))
+                    st = proc_status(pid)
+                    res.add("rss_after_imports_kib", st["VmRSS"])
+                    res.add("hwm_after_imports_kib", st["VmHWM"])
+                    if rep == 0:
+                        info["tree_status_after_storm"] = {k: v for k, v in mount.status(mp).items() if k not in ("source", "mountpoint", "toc_digest")}
+            shutil.rmtree(work / f"cache-tree-{rep}", ignore_errors=True)
+
+            # python start-up: cold (fresh mount from the registry / dropped caches), then warm
+            drop_caches()
+            if side == "plain":
+                ctx = contextlib.nullcontext((None, 0.0))
+            else:
+                ctx = mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / f"cache-py-{rep}")
+            with ctx as (pid, took):
+                res.add(f"py_cold_{side}", timed(lambda: run_python(root)))
+                res.add(f"py_warm_{side}", timed(lambda: run_python(root)))
+                for _ in range(2):
+                    res.add(f"py_warm_{side}", timed(lambda: run_python(root)))
+            if side == "lazy":  # cold from the local cache: new mount, same cache
+                drop_caches()
+                with mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / f"cache-py-{rep}"):
+                    res.add("py_coldcache_lazy", timed(lambda: run_python(root)))
+                shutil.rmtree(work / f"cache-py-{rep}", ignore_errors=True)
+
+            # the big file
+            drop_caches()
+            if side == "plain":
+                target = work / "plain-big" / BIG_NAME
+                res.add("seq_cold_plain", mbps(timed(lambda: read_all(target))))
+                res.add("seq_warm_plain", mbps(timed(lambda: read_all(target))))
+                res.add("rand_warm_plain", timed(lambda: random_reads(target, offsets)) / len(offsets) * 1e6)
+            else:
+                cache = work / f"cache-big-{rep}"
+                target = mp / BIG_NAME
+                with mounts.mounted(big_src_ref, mp, big_blob.toc_digest, cache) as (pid, took):
+                    res.add("mount_big_s", took)
+                    res.add("rss_big_mounted_kib", proc_status(pid)["VmRSS"])
+                    n = [0]
+                    res.add("seq_coldreg_lazy", mbps(timed(lambda: n.__setitem__(0, read_all(target)))))
+                    assert n[0] == big_size, n[0]
+                    if rep == 0:
+                        info["big_status_after_cold_read"] = {k: v for k, v in mount.status(mp).items() if k not in ("source", "mountpoint", "toc_digest")}
+                    before = mount.status(mp)["reads"]
+                    res.add("seq_warm_lazy", mbps(timed(lambda: read_all(target))))
+                    res.add("rand_warm_lazy", timed(lambda: random_reads(target, offsets)) / len(offsets) * 1e6)
+                    res.add("fuse_reads_during_warm", mount.status(mp)["reads"] - before)
+                    res.add("rss_big_kib", proc_status(pid)["VmRSS"])
+                    res.add("hwm_big_kib", proc_status(pid)["VmHWM"])
+                drop_caches()
+                with mounts.mounted(big_src_ref, mp, big_blob.toc_digest, cache):
+                    res.add("seq_coldcache_lazy", mbps(timed(lambda: read_all(target))))
+                    if rep == 0:
+                        info["big_status_after_cache_read"] = {k: v for k, v in mount.status(mp).items() if k not in ("source", "mountpoint", "toc_digest")}
+                shutil.rmtree(cache, ignore_errors=True)
+
+    report(args, res, info)
+
+
+def report(args: argparse.Namespace, res: Results, info: dict[str, object]) -> None:
+    m = machine()
+    out = []
+    out.append(f"    - command: {' '.join([sys.executable, *sys.argv])}")
+    out.append(f"    - nproc: {m['nproc']}  cpu: {m['cpu']}")
+    out.append(f"    - kernel: {m['kernel']}  python: {m['python']}  python3.11 for the imports: {m['python3.11 (imports)']}")
+    out.append(f"    - tree layer: {info['tree_paths']} paths ({', '.join(TREE_DIRS)}), tar {info['tree_tar_mb']} MB, eStargz {info['tree_blob_mb']} MB;"
+               f" big layer: {args.big_mib} MiB random file, eStargz {info['big_blob_mb']} MB; 4 MiB chunks")
+    out.append(f"    - imports checked with -v: plain {info['imports_plain (modules from tree / elsewhere)']},"
+               f" lazyfs {info['imports_lazyfs (modules from mount / elsewhere)']} (modules from the tree / from elsewhere)")
+    out.append(f"    - {args.reps} repetitions, interleaved (order flips each repetition); median (min-max)")
+    out.append("")
+    out.append("| measurement | plain dir | lazyfs | lazyfs/plain | target | met |")
+    out.append("|---|---|---|---|---|---|")
+
+    def row(name: str, unit: str, plain: str | None, lazy: str, *, higher_better: bool = False, target: str = "", limit: float | None = None) -> None:
+        lv = res.med(lazy)
+        lcell = f"{lv:.4g} {unit} ({res.spread(lazy)})"
+        if plain is None:
+            out.append(f"| {name} | | {lcell} | | {target} | |")
+            return
+        pv = res.med(plain)
+        ratio = lv / pv
+        # for throughput, ratio < 1 is worse; report lazyfs/plain as is
+        met = ""
+        if limit is not None:
+            met = "yes" if (ratio >= limit if higher_better else ratio <= limit) else "**no**"
+        out.append(f"| {name} | {pv:.4g} {unit} ({res.spread(plain)}) | {lcell} | {ratio:.2f}x | {target} | {met} |")
+
+    row("find, cold", "s", "find_cold_plain", "find_cold_lazy")
+    row("lstat every path after find, cold", "s", "lstat_cold_plain", "lstat_cold_lazy")
+    row("find, warm", "s", "find_warm_plain", "find_warm_lazy", target="≤ 1.2x", limit=1.2)
+    row("lstat every path, warm", "s", "lstat_warm_plain", "lstat_warm_lazy", target="≤ 1.2x", limit=1.2)
+    row("python3.11 start + imports, cold (lazyfs: fresh cache, from registry)", "s", "py_cold_plain", "py_cold_lazy")
+    row("python3.11 start + imports, cold from local cache (new mount)", "s", "py_cold_plain", "py_coldcache_lazy")
+    row("python3.11 start + imports, warm", "s", "py_warm_plain", "py_warm_lazy", target="≤ 1.2x", limit=1.2)
+    row("sequential read 256 MiB, cold (lazyfs: from registry, fresh cache)", "MiB/s", "seq_cold_plain", "seq_coldreg_lazy", higher_better=True)
+    row("sequential read, cold from local cache (new mount, caches dropped)", "MiB/s", "seq_cold_plain", "seq_coldcache_lazy", higher_better=True, target="≥ 0.5x", limit=0.5)
+    row("sequential read, warm (same mount)", "MiB/s", "seq_warm_plain", "seq_warm_lazy", higher_better=True, target="≥ 1/1.2 = 0.83x", limit=1 / 1.2)
+    row(f"random 4 KiB pread x{args.random_reads}, warm", "µs/read", "rand_warm_plain", "rand_warm_lazy", target="≤ 1.2x", limit=1.2)
+    row("mount time, tree layer (TOC from registry)", "s", None, "mount_tree_s")
+    row("mount time, big layer", "s", None, "mount_big_s")
+    for key, label in (("rss_tree_mounted_kib", "VmRSS, tree mount right after mounting"),
+                       ("rss_after_storm_kib", "VmRSS, tree mount after find + lstat storm"),
+                       ("hwm_after_storm_kib", "VmHWM, tree mount after find + lstat storm"),
+                       ("rss_after_imports_kib", "VmRSS, tree mount after storm + imports"),
+                       ("hwm_after_imports_kib", "VmHWM, tree mount after storm + imports"),
+                       ("rss_big_mounted_kib", "VmRSS, big mount right after mounting"),
+                       ("rss_big_kib", "VmRSS, big mount after reads"),
+                       ("hwm_big_kib", "VmHWM, big mount after reads")):
+        v = res.med(key) / 1024
+        limit = "< 40 MiB" if key.startswith(("rss_after_storm", "hwm_after_storm")) else ""
+        met = ("yes" if v < 40 else "**no**") if limit else ""
+        out.append(f"| {label} | | {v:.1f} MiB ({min(res.data[key]) / 1024:.1f}-{max(res.data[key]) / 1024:.1f}) | | {limit} | {met} |")
+    out.append("")
+    out.append(f"FUSE read requests the daemon saw during the warm sequential + random reads: {res.med('fuse_reads_during_warm'):.0f}")
+    out.append(f"python3.11 on a mount that already did the storm (metadata warm, data cold): {res.med('py_meta_warm_data_cold_lazy'):.3f} s")
+    out.append("")
+    out.append("Mount counters (first repetition):")
+    out.append("")
+    for key in ("tree_status_after_storm", "big_status_after_cold_read", "big_status_after_cache_read"):
+        if key in info:
+            out.append(f"    {key}: {json.dumps(info[key], sort_keys=True)}")
+    print("\n".join(out))
+    (REPO / "bench/results").mkdir(exist_ok=True)
+    (REPO / "bench/results/lazyfs_bench.json").write_text(json.dumps({"info": info, "machine": m, "raw": res.data}, indent=1, default=str) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 repetitions instead of 5")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--big-mib", type=int, default=256)
+    ap.add_argument("--random-reads", type=int, default=2000)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
+    args = ap.parse_args()
+    args.reps = args.reps or (2 if args.quick else 5)
+    if os.geteuid() != 0:
+        print("lazyfs_bench: needs root (drop_caches, FUSE)", file=sys.stderr)
+        return 2
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (nohup, &)
+    work = Path(tempfile.mkdtemp(prefix="crfs-lazyfs-bench-", dir="/var/tmp"))
+    mounts = Mounts()
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                bench(args, work, mounts, stack)
+            finally:
+                # a second Ctrl-C must not cut the clean-up short (mounts, then the registry)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                mounts.close()
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        return 130
+    finally:
+        mounts.close()
+        if args.keep or mount.is_mounted(work / "mnt"):
+            log(f"left {work} in place")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
