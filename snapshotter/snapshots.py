@@ -129,10 +129,11 @@ class Snapshotter:
 
     def commit(self, name: str, key: str, labels: Optional[dict[str, str]] = None) -> None:
         with self._store.transaction() as tx:
-            snapshot_id, info, _ = tx.info(key)
+            found = tx.find(key)
         # measured outside the lock; committed usage never changes afterwards
-        usage = disk_usage(self._dir(snapshot_id) / "fs") if info.kind == Kind.ACTIVE else Usage()
-        with self._store.transaction(write=True) as tx:
+        active = found is not None and found[1].kind == Kind.ACTIVE
+        usage = disk_usage(self._dir(found[0]) / "fs") if active else Usage()
+        with self._store.transaction(write=True) as tx:  # checks in containerd's order
             tx.commit(key, name, usage, labels or {})
             self._crash_point("commit:before-commit")
 

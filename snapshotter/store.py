@@ -154,6 +154,11 @@ class Transaction:
         row = self._row(key)
         return row[0], self._info(row), Usage(row[7], row[8])
 
+    def find(self, key: str) -> Optional[tuple[int, SnapshotInfo]]:
+        """Like ``info``, but None when there is no such snapshot."""
+        row = self._conn.execute(_INFO_SELECT + " WHERE s.key = ?", (key,)).fetchone()
+        return None if row is None else (row[0], self._info(row))
+
     def record(self, key: str) -> SnapshotRecord:
         """The snapshot for Mounts: it must be active or a view."""
         row = self._row(key)

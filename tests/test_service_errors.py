@@ -43,6 +43,8 @@ CASES = {
     "commit of a committed snapshot": (lambda s: commit(s, "mid", "m2"), grpc.StatusCode.FAILED_PRECONDITION),
     "commit of a missing key": (lambda s: commit(s, "nope", "n2"), grpc.StatusCode.NOT_FOUND),
     "commit to a taken name": (lambda s: commit(s, "work", "base"), grpc.StatusCode.ALREADY_EXISTS),
+    # containerd checks the name before the key
+    "commit of a missing key to a taken name": (lambda s: commit(s, "nope", "base"), grpc.StatusCode.ALREADY_EXISTS),
     "commit with an empty name": (lambda s: commit(s, "work", ""), grpc.StatusCode.INVALID_ARGUMENT),
     "remove of a snapshot with children": (lambda s: s.Remove(pb.RemoveSnapshotRequest(key="base")), grpc.StatusCode.FAILED_PRECONDITION),
     "remove of a missing key": (lambda s: s.Remove(pb.RemoveSnapshotRequest(key="nope")), grpc.StatusCode.NOT_FOUND),
