@@ -5,8 +5,9 @@ a blob's bytes are fixed by its digest, so the chunk's place in the blob
 names its content. Files are written to ``ROOT/tmp`` and renamed into place,
 so a reader (in any process) sees a whole chunk or none; what a crash may
 still leave behind (a temp file, a file truncated by a power loss before it
-reached the disk) is never served, because ``get`` checks the length and,
-when the chunk has one, its digest before returning anything.
+reached the disk) is never served, because ``get`` checks the length before
+returning anything (and, with ``CacheConfig.verify_on_read``, the digest).
+Only chunks that passed ``decode_chunk``'s digest check are ever stored.
 
 The cache is bounded: ``get`` touches a file's mtime, and when the bytes on
 disk exceed ``max_bytes`` the least recently used files are removed (one
@@ -42,14 +43,22 @@ class CacheError(Exception):
 @dataclass(frozen=True)
 class CacheConfig:
     """``max_bytes``: the size limit; eviction brings usage down to
-    ``low_water`` of it. ``verify_on_read``: re-check chunk digests when
-    serving (cheap next to a FUSE round trip, and catches a disk that lied).
+    ``low_water`` of it. ``verify_on_read``: re-hash every chunk read back
+    and check it against its digest. Off by default: a chunk is stored only
+    after ``decode_chunk`` verified it, written to a temp file and renamed
+    into place, and ``get`` always checks the length, so a crash or a
+    truncated write is never served. What the default gives up is catching
+    a same-length change of the file after it was stored (a disk or
+    filesystem returning wrong bytes, or someone writing into the cache
+    directory); turn it on where that matters more than throughput (it
+    costs a SHA-256 over every chunk served from disk: about two thirds of
+    the fetch thread's time in a cold-from-cache sequential read).
     ``rescan_fraction``: how much this process may add, as a fraction of the
     limit, before it re-measures the directory (other processes add too)."""
 
     max_bytes: int = 10 << 30
     low_water: float = 0.9
-    verify_on_read: bool = True
+    verify_on_read: bool = False
     rescan_fraction: float = 0.1
 
 
@@ -62,8 +71,11 @@ class ChunkCache:
         self._chunks = self.root / "chunks"
         self._tmp = self.root / "tmp"
         try:
-            self._chunks.mkdir(parents=True, exist_ok=True)
-            self._tmp.mkdir(parents=True, exist_ok=True)
+            # owner only: cached chunks are image contents (possibly from a
+            # private registry), and what is stored is trusted when served
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._chunks.mkdir(mode=0o700, exist_ok=True)
+            self._tmp.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cannot create chunk cache at {self.root}: {exc}") from exc
         self._lock = threading.Lock()

@@ -44,7 +44,8 @@ def test_leftover_temp_file_is_never_served(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [b"", b"x" * 10, b"\x02" * 999 + b"\x03", b"\x02" * 1001])
 def test_truncated_or_corrupt_entry_is_discarded(tmp_path: Path, bad: bytes) -> None:
-    cache = ChunkCache(tmp_path)
+    # same-length corruption (the third case) is only caught by re-hashing
+    cache = ChunkCache(tmp_path, CacheConfig(verify_on_read=True))
     ref, data = chunk(2)
     path = cache.path_for(BLOB, ref)
     path.parent.mkdir(parents=True)
@@ -110,3 +111,13 @@ def test_several_processes_share_and_bound_the_cache(tmp_path: Path) -> None:
     assert served > 0
     assert cache.stats()["bad_entries"] == 0
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_cache_is_private_to_its_owner(tmp_path):
+    import stat
+
+    from lazyfs.cache import ChunkCache
+
+    ChunkCache(tmp_path / "c")
+    for d in ("c", "c/chunks", "c/tmp"):
+        assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o700, d
