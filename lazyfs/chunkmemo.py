@@ -4,9 +4,17 @@ The kernel reads a file in pieces of at most 128 KiB (and readahead issues
 several at once), while a chunk is up to 4 MiB: without this, a sequential
 read of one chunk would fetch, decompress and verify it some 32 times. The
 memo keeps the last few chunks (bounded in bytes; the disk cache of
-remote layers is behind it, and re-verifies on every read) and makes concurrent
-reads of the same chunk wait for one fetch. It lives in the trio thread,
-so it needs no locks; the blocking ``ChunkStore`` runs in a worker thread.
+remote layers is behind it) and makes concurrent reads of the same chunk
+wait for one fetch. It lives in the trio thread, so it needs no locks; the
+blocking ``ChunkStore`` runs in a worker thread.
+
+Read-ahead: ``read_ahead`` starts loading chunks a sequential reader will
+want next (the same ``ChunkStore``, a worker thread, at most
+``DEFAULT_READAHEAD_INFLIGHT`` at a time), so that loading chunk N+1
+overlaps serving chunk N. It never delays a read: a read of a chunk being
+read ahead waits for that one load instead of starting another, and when a
+read-ahead fails the error is dropped and the read fetches (and reports) it
+itself.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from .chunks import ChunkStore, ChunkUnavailable
 from .stargz.toc import ChunkRef
 
 DEFAULT_MEMO_BYTES = 32 << 20  # per mount: eight 4 MiB chunks
+DEFAULT_READAHEAD_INFLIGHT = 1  # read-ahead loads running at once, per mount
 
 _Key = tuple[int, int]  # (blob_offset, inner_offset): unique per chunk in a layer
 
@@ -31,6 +40,8 @@ class MemoStats:
     bytes_fetched: int = 0  # their uncompressed size
     memo_hits: int = 0
     fetch_errors: int = 0
+    readahead_started: int = 0  # chunks read ahead (also counted in chunks_fetched when loaded)
+    readahead_errors: int = 0  # read-ahead loads that failed (ignored; the read retries)
 
 
 class _Pending:
@@ -38,19 +49,64 @@ class _Pending:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.error: ChunkUnavailable | None = None
+        self.error: ChunkUnavailable | None = None  # never set for a read-ahead
 
 
 class ChunkMemo:
     """Verified chunks of one layer for the filesystem's trio loop."""
 
-    def __init__(self, store: ChunkStore, max_bytes: int = DEFAULT_MEMO_BYTES) -> None:
+    def __init__(
+        self, store: ChunkStore, max_bytes: int = DEFAULT_MEMO_BYTES, *,
+        readahead_inflight: int = DEFAULT_READAHEAD_INFLIGHT,
+    ) -> None:
         self._store = store
         self._max_bytes = max_bytes
         self._held: OrderedDict[_Key, bytes] = OrderedDict()
         self._held_bytes = 0
         self._pending: dict[_Key, _Pending] = {}
+        self._readahead_max = readahead_inflight
+        self._readahead_running = 0
         self.stats = MemoStats()
+
+    def read_ahead(self, chunks: Sequence[ChunkRef]) -> None:
+        """Start loading those of ``chunks`` that are neither held nor being
+        loaded, in the background, while fewer than ``readahead_inflight``
+        read-aheads run; never waits. Call from the trio thread."""
+        for chunk in chunks:
+            if self._readahead_running >= self._readahead_max:
+                return
+            key = _key(chunk)
+            if key in self._held or key in self._pending or chunk.size > self._max_bytes:
+                continue
+            pending = self._pending[key] = _Pending()
+            self._readahead_running += 1
+            self.stats.readahead_started += 1
+            try:
+                trio.lowlevel.spawn_system_task(self._load_ahead, chunk, pending, name="lazyfs-readahead")
+            except BaseException:
+                self._readahead_running -= 1
+                del self._pending[key]
+                pending.done.set()
+                raise
+
+    async def _load_ahead(self, chunk: ChunkRef, pending: _Pending) -> None:
+        key = _key(chunk)
+        try:
+            # cancellable: an unmount does not wait for a read-ahead
+            datas = await trio.to_thread.run_sync(self._store.get_many, [chunk], cancellable=True)
+            if len(datas) != 1 or len(datas[0]) != chunk.size:
+                raise ChunkUnavailable("store returned the wrong chunk")
+        except Exception:  # noqa: BLE001 - ignored: a read of this chunk fetches it again and reports
+            self.stats.readahead_errors += 1
+        else:
+            self.stats.chunks_fetched += 1
+            self.stats.bytes_fetched += len(datas[0])
+            self._hold(key, datas[0])
+        finally:
+            self._readahead_running -= 1
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+            pending.done.set()  # waiters find the chunk held, or fetch it themselves
 
     async def get_many(self, chunks: Sequence[ChunkRef]) -> list[bytes]:
         """The bytes of each chunk, in order; raises ``ChunkUnavailable``."""
@@ -77,9 +133,9 @@ class ChunkMemo:
             if pending.error is not None:
                 raise pending.error
             data = self._held.get(key)
-            if data is None:  # already evicted again: fetch it ourselves
+            if data is None:  # evicted again, or a read-ahead that failed: get it ourselves
                 chunk = next(c for c in chunks if _key(c) == key)
-                data = (await self._fetch([chunk]))[key]
+                data = (await self.get_many([chunk]))[0]
             found[key] = data
         return [found[_key(c)] for c in chunks]
 
@@ -97,7 +153,8 @@ class ChunkMemo:
             raise
         finally:
             for key, pending in mine.items():
-                del self._pending[key]
+                if self._pending.get(key) is pending:
+                    del self._pending[key]
                 pending.done.set()
         self.stats.chunks_fetched += len(chunks)
         fetched = {}

@@ -10,6 +10,7 @@ digest makes the read fail with EIO: never wrong bytes.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -21,7 +22,7 @@ import pyfuse3
 
 from .chunkmemo import ChunkMemo
 from .chunks import ChunkStore
-from .stargz.toc import Toc
+from .stargz.toc import ChunkRef, Toc
 from .tree import OPAQUE_XATTRS, ROOT_INODE, LayerTree, Node
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 FOREVER = 365 * 24 * 3600.0  # seconds: the layer never changes under the kernel
 BLOCK = 4096
 FSNAME = "crfs-lazyfs"
+READAHEAD_CHUNKS = 1  # chunks of a file loaded ahead of a read (0: none)
 
 
 @dataclass
@@ -58,9 +60,10 @@ class LayerFS(pyfuse3.Operations):
 
     def __init__(
         self, toc: Toc, store: ChunkStore, *, memo: ChunkMemo | None = None,
-        opaque_xattrs: tuple[str, ...] = OPAQUE_XATTRS,
+        opaque_xattrs: tuple[str, ...] = OPAQUE_XATTRS, readahead_chunks: int = READAHEAD_CHUNKS,
     ) -> None:
         super().__init__()
+        self.readahead_chunks = readahead_chunks
         self.tree = LayerTree(toc, opaque_xattrs=opaque_xattrs)
         self.memo = memo if memo is not None else ChunkMemo(store)
         self.stats = FsStats()
@@ -159,6 +162,8 @@ class LayerFS(pyfuse3.Operations):
             hi = min(end - chunk.file_offset, chunk.size)
             parts.append(data[lo:hi])
         result = b"".join(parts)
+        if self.readahead_chunks:
+            self._read_ahead(entry.chunks, chunks[-1])
         self.stats.reads += 1
         self.stats.bytes_read += len(result)
         return result
@@ -174,10 +179,24 @@ class LayerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
+    def _read_ahead(self, all_chunks: Sequence[ChunkRef], last: ChunkRef) -> None:
+        """Start loading the chunks of the same file after ``last`` (the
+        memo skips those held or being loaded); never fails the read."""
+        i = bisect.bisect_right(all_chunks, last.file_offset, key=_file_offset)
+        if i < len(all_chunks):
+            try:
+                self.memo.read_ahead(all_chunks[i : i + self.readahead_chunks])
+            except Exception as exc:  # noqa: BLE001 - read-ahead is only a hint
+                log.debug("read-ahead after %d failed to start: %s", last.file_offset, exc)
+
     def _failed(self, name: str, off: int, size: int, exc: BaseException) -> None:
         self.stats.read_errors += 1
         self.stats.last_error = f"{name}: {exc}"
         log.error("read %r [%d, +%d) failed: %s", name, off, size, exc)
+
+
+def _file_offset(chunk: ChunkRef) -> int:
+    return chunk.file_offset
 
 
 def _attributes(node: Node) -> pyfuse3.EntryAttributes:

@@ -77,6 +77,7 @@ def open_layer(source: str, *, toc_digest: str | None = None, remote: RemoteOpti
     except BaseException:
         blob.close()
         raise
+    reader.release_toc_json()  # a mount serves the parsed TOC only
     return OpenedLayer(reader.toc, LocalChunks(reader), source, [blob.close])
 
 
@@ -123,6 +124,7 @@ def _open_remote(
                                   fetch=FetchConfig(deadline=options.fetch_deadline),
                                   prefetch=PrefetchConfig(background=options.background_fetch))
         closers.append(remote.close)
+        remote.reader.release_toc_json()  # a mount serves the parsed TOC only
         remote.start()
     except BaseException:
         for close in reversed(closers):

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .stargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, EntryType, Toc, TocEntry
 
@@ -37,6 +38,12 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 OPAQUE_XATTRS = (OPAQUE_XATTR, "user.overlay.opaque")
 OPAQUE_VALUE = b"y"
 HIDDEN_IN_ROOT = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME})
+
+# Shared, read-only empties: most nodes have no xattrs, and only directories
+# have children (saves three containers, ~180 bytes, per file).
+_NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
+_NO_CHILDREN: Mapping[bytes, int] = MappingProxyType({})
+_NO_LISTING: Sequence[tuple[bytes, int]] = ()
 
 _KIND = {
     EntryType.DIR: stat.S_IFDIR,
@@ -59,11 +66,11 @@ class Node:
     nlink: int
     size: int
     rdev: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    xattrs: Mapping[bytes, bytes] = field(default_factory=dict)  # read-only once built
     link_target: bytes = b""  # symlinks
     parent: int = ROOT_INODE  # directories: the directory holding it
-    children: dict[bytes, int] = field(default_factory=dict)  # directories: name -> inode
-    listing: list[tuple[bytes, int]] = field(default_factory=list)  # directories: sorted children
+    children: Mapping[bytes, int] = field(default_factory=dict)  # directories: name -> inode
+    listing: Sequence[tuple[bytes, int]] = field(default_factory=list)  # directories: sorted children
 
     @property
     def is_dir(self) -> bool:
@@ -115,6 +122,7 @@ class LayerTree:
             if entry.type is EntryType.DIR:
                 self._fill_directory(entry)
         self._total_size = sum(n.size for n in self._nodes.values() if n.is_reg)
+        self._by_name = {}  # only needed to link the tree
 
     def _add(self, entry: TocEntry) -> Node:
         ino = len(self._nodes) + ROOT_INODE
@@ -125,7 +133,9 @@ class LayerTree:
             mode=stat.S_IFLNK | 0o777 if entry.type is EntryType.SYMLINK else _KIND[entry.type] | (entry.mode & 0o7777),
             nlink=entry.nlink,
             size=entry.size,
-            xattrs={os.fsencode(k): v for k, v in entry.xattrs.items()},
+            xattrs={os.fsencode(k): v for k, v in entry.xattrs.items()} if entry.xattrs else _NO_XATTRS,
+            children={} if entry.type is EntryType.DIR else _NO_CHILDREN,
+            listing=_NO_LISTING,
         )
         if entry.type in (EntryType.CHAR, EntryType.BLOCK):
             node.rdev = os.makedev(entry.dev_major, entry.dev_minor)
@@ -139,7 +149,8 @@ class LayerTree:
     def _whiteout(self, whiteout: TocEntry) -> Node:
         """The char 0/0 device containerd's applier makes for a ``.wh.`` entry."""
         ino = len(self._nodes) + ROOT_INODE
-        node = Node(ino=ino, entry=whiteout, mode=stat.S_IFCHR, nlink=1, size=0, rdev=0)
+        node = Node(ino=ino, entry=whiteout, mode=stat.S_IFCHR, nlink=1, size=0, rdev=0,
+                    xattrs=_NO_XATTRS, children=_NO_CHILDREN, listing=_NO_LISTING)
         self._nodes[ino] = node
         return node
 
@@ -151,7 +162,7 @@ class LayerTree:
             if not entry.name and name in HIDDEN_IN_ROOT:
                 continue
             if name == OPAQUE_MARKER:
-                node.xattrs.update(dict.fromkeys(self._opaque, OPAQUE_VALUE))
+                node.xattrs = {**node.xattrs, **dict.fromkeys(self._opaque, OPAQUE_VALUE)}
                 continue
             if name.startswith(WHITEOUT_PREFIX):
                 whiteouts.append((name[len(WHITEOUT_PREFIX) :], child))

@@ -77,7 +77,7 @@ class StargzReader:
         self.source = source
         self.footer = footer
         self.toc = toc
-        self.toc_json = toc_json
+        self.toc_json: bytes | None = toc_json  # None after ``release_toc_json``
         self.toc_member = toc_member  # the tar header of stargz.index.json
 
     @classmethod
@@ -109,6 +109,11 @@ class StargzReader:
             kind = "legacy stargz" if footer.legacy else "eStargz"
             raise UnverifiableLayer(f"{kind} layer has chunks without chunkDigest")
         return cls(source, footer, toc, toc_json, member)
+
+    def release_toc_json(self) -> None:
+        """Forget the raw TOC JSON (``toc_json`` becomes None): a mount only
+        needs the parsed ``toc``, and the JSON is megabytes for a big layer."""
+        self.toc_json = None
 
     def read_chunk(self, chunk: ChunkRef) -> bytes:
         """Fetch, decompress and verify one chunk."""

@@ -171,8 +171,14 @@ class Toc:
         if type(version) is not int:
             raise InvalidToc(f"TOC version {version!r} is not an integer")
         builder = _Builder(payload_size, limits)
-        for index, raw in enumerate(doc["entries"]):
+        raw_entries = doc["entries"]
+        del doc
+        for index in range(len(raw_entries)):
+            # drop each decoded JSON object once it is an entry: the TOC is
+            # never held twice over, which keeps the parse's memory peak down
+            raw, raw_entries[index] = raw_entries[index], None
             builder.add(index, raw)
+        del raw_entries
         entries, children = builder.finish()
         return cls(
             entries, children, version=version, digest=digest, legacy=legacy, payload_size=payload_size
