@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,29 @@ def test_sigterm_unmounts_and_exits(crfs_blob, tmp_path: Path) -> None:
         assert _wait_gone(pid)
         assert not mount.is_mounted(mnt)
         assert not mount.control_path(mnt).exists()
+
+
+def test_sigterm_works_when_the_parent_had_it_blocked(crfs_blob, tmp_path: Path) -> None:
+    """crfs serve blocks SIGTERM (it takes it with sigwait) and children
+    inherit the mask: a layer mount it starts must still stop on SIGTERM."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    starter = (
+        "import signal, sys; from lazyfs import mount; "
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}); "
+        f"print(mount.start({str(crfs_blob[0])!r}, {str(mnt)!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[-1])
+    try:
+        assert mount.is_mounted(mnt)
+        os.kill(pid, signal.SIGTERM)
+        assert _wait_gone(pid), "the mount process ignored SIGTERM"
+        assert not mount.is_mounted(mnt)
+    finally:
+        force_unmount(mnt)
+        kill(pid)
 
 
 def test_external_unmount_ends_the_process(crfs_blob, tmp_path: Path) -> None:
