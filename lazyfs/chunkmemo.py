@@ -92,8 +92,8 @@ class ChunkMemo:
     async def _load_ahead(self, chunk: ChunkRef, pending: _Pending) -> None:
         key = _key(chunk)
         try:
-            # cancellable: an unmount does not wait for a read-ahead
-            datas = await trio.to_thread.run_sync(self._store.get_many, [chunk], cancellable=True)
+            # abandon_on_cancel: an unmount does not wait for a read-ahead
+            datas = await trio.to_thread.run_sync(self._store.get_many, [chunk], abandon_on_cancel=True)
             if len(datas) != 1 or len(datas[0]) != chunk.size:
                 raise ChunkUnavailable("store returned the wrong chunk")
         except Exception:  # noqa: BLE001 - ignored: a read of this chunk fetches it again and reports
