@@ -61,10 +61,8 @@ def _contents() -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture(scope="session")
-def layer(tmp_path_factory: pytest.TempPathFactory) -> Layer:
-    work = tmp_path_factory.mktemp("fetch-layer")
-    files = _contents()
+def build_layer(work: Path, files: dict[str, bytes], prioritized: tuple[str, ...] = ()) -> Layer:
+    """``files`` as a tar, converted to eStargz with CHUNK-sized chunks."""
     tar_path = work / "layer.tar"
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tf:
         for name, data in files.items():
@@ -73,8 +71,13 @@ def layer(tmp_path_factory: pytest.TempPathFactory) -> Layer:
             info.mode = 0o644
             tf.addfile(info, _Reader(data))
     blob = work / "layer.esgz"
-    result = build(tar_path, blob, chunk_size=CHUNK, prioritized=PRIORITIZED)
+    result = build(tar_path, blob, chunk_size=CHUNK, prioritized=prioritized)
     return Layer(blob, result, files)
+
+
+@pytest.fixture(scope="session")
+def layer(tmp_path_factory: pytest.TempPathFactory) -> Layer:
+    return build_layer(tmp_path_factory.mktemp("fetch-layer"), _contents(), PRIORITIZED)
 
 
 class _Reader:

@@ -51,6 +51,15 @@ def _push_image(host: str, layers: list[Path]) -> str:
 
 
 
+def _clean_up(merged: Path, layer_dirs: list[Path], pids: list[int]) -> None:
+    """Whatever a failed test left: the merged view, the layer mounts, their processes."""
+    force_unmount(merged)
+    for d in layer_dirs:
+        force_unmount(d)
+    for pid in pids:
+        kill(pid)
+
+
 def test_crfs_mount_docker_image(tmp_path: Path) -> None:
     merged = tmp_path / "rootfs"
     merged.mkdir()
@@ -72,11 +81,7 @@ def test_crfs_mount_docker_image(tmp_path: Path) -> None:
             assert not mount.is_mounted(merged) and not any(mount.is_mounted(d) for d in layer_dirs)
             assert not image_mount.image_dir(merged).exists()
         finally:
-            force_unmount(merged)
-            for d in layer_dirs:
-                force_unmount(d)
-            for pid in pids:
-                kill(pid)
+            _clean_up(merged, layer_dirs, pids)
 
 
 def test_crfs_mount_docker_image_keeps_a_named_upper_dir(tmp_path: Path) -> None:
@@ -94,10 +99,6 @@ def test_crfs_mount_docker_image_keeps_a_named_upper_dir(tmp_path: Path) -> None
             assert (upper / "new-file").read_text() == "kept"  # the changes outlive the mount
             assert not (tmp_path / "changes.crfs-work").exists()
         finally:
-            force_unmount(merged)
-            for d in layer_dirs:
-                force_unmount(d)
-            for pid in pids:
-                kill(pid)
+            _clean_up(merged, layer_dirs, pids)
     bad = run_crfs("mount", "--upper", str(upper), str(tmp_path / "x.stargz"), str(merged))
     assert bad.returncode == 2 and "docker://" in bad.stderr

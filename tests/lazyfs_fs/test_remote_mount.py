@@ -26,7 +26,6 @@ import os
 import random
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,14 +34,12 @@ from pathlib import Path
 import pytest
 
 from lazyfs import mount
-from lazyfs.stargz.writer import build
-from lazyfs_fetch.conftest import REPO, Layer, Remote, _Reader, remote  # noqa: F401 - `remote` is a fixture
+from lazyfs_fetch.conftest import REPO, Layer, Remote, build_layer, remote  # noqa: F401 - `remote` is a fixture
 
 from .helpers import REPO as SOURCE_TREE
 from .helpers import force_unmount, kill, run_crfs
 
 BLOB_GET = r"^GET /v2/.*/blobs/"
-CHUNK = 64 << 10
 SMALL = "many/06/f0123.bin"  # the one small file test 1 reads
 BIG_FILES = 8  # 8 x 512 KiB of incompressible data
 SMALL_FILES = 400  # 1..16 KiB each
@@ -62,19 +59,9 @@ def layer(tmp_path_factory: pytest.TempPathFactory) -> Layer:
     """A ~8 MB eStargz layer of 400+ files, nothing prioritized (so nothing
     is fetched at mount time but the footer and the TOC). Overrides the
     ``layer`` the imported ``remote`` fixture pushes."""
-    work = tmp_path_factory.mktemp("remote-mount-layer")
-    files = _contents()
-    tar_path = work / "layer.tar"
-    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tf.addfile(info, _Reader(data))
-    blob = work / "layer.esgz"
-    result = build(tar_path, blob, chunk_size=CHUNK)
-    assert result.size > 6 << 20
-    return Layer(blob, result, files)
+    built = build_layer(tmp_path_factory.mktemp("remote-mount-layer"), _contents())
+    assert built.build.size > 6 << 20
+    return built
 
 
 # --- mounting through the command line -----------------------------------------------
