@@ -129,8 +129,11 @@ class Transaction:
 
     # -- reads ---------------------------------------------------------------
 
+    def _lookup(self, key: str) -> Optional[sqlite3.Row]:
+        return self._conn.execute(_INFO_SELECT + " WHERE s.key = ?", (key,)).fetchone()
+
     def _row(self, key: str) -> sqlite3.Row:
-        row = self._conn.execute(_INFO_SELECT + " WHERE s.key = ?", (key,)).fetchone()
+        row = self._lookup(key)
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
         return row
@@ -156,7 +159,7 @@ class Transaction:
 
     def find(self, key: str) -> Optional[tuple[int, SnapshotInfo]]:
         """Like ``info``, but None when there is no such snapshot."""
-        row = self._conn.execute(_INFO_SELECT + " WHERE s.key = ?", (key,)).fetchone()
+        row = self._lookup(key)
         return None if row is None else (row[0], self._info(row))
 
     def record(self, key: str) -> SnapshotRecord:

@@ -24,3 +24,12 @@ def crfs_client(tmp_path: Path) -> Iterator[CrfsClient]:
             yield client
         finally:
             client.channel.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lazyfs_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Control sockets and logs of the layer mounts tests start, out of /run."""
+    state = tmp_path_factory.mktemp("lazyfs-state")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CRFS_LAZYFS_STATE", str(state))
+        yield state

@@ -26,14 +26,6 @@ BIG = big_data(3 * CHUNK + 1234)
 DIGEST = "sha256:" + "ab" * 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def lazyfs_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    state = tmp_path_factory.mktemp("sup-state")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CRFS_LAZYFS_STATE", str(state))
-        yield state
-
-
 @pytest.fixture(scope="module")
 def blob_and_toc(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     d = tmp_path_factory.mktemp("sup-blob")

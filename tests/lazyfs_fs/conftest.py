@@ -4,22 +4,12 @@ written by crfs and by the Go reference, and as legacy stargz."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lazyfs.stargz.writer import BuildResult, build
 from stargz.helpers import CHUNK, build_go_helper, run_go, to_legacy, write_layer_tar
-
-
-@pytest.fixture(scope="session", autouse=True)
-def lazyfs_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Control sockets and logs of the mounts tests start, out of /run."""
-    state = tmp_path_factory.mktemp("lazyfs-state")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CRFS_LAZYFS_STATE", str(state))
-        yield state
 
 
 @pytest.fixture(scope="session")
