@@ -42,6 +42,21 @@ class Config:
     # a crash of crfs (WAL) and is faster.
     metadata_sync: str = "full"
     grpc_workers: int = 8
+    # Remote snapshots: layers whose Prepare names them (CRI / `crfs rpull`
+    # labels) and that are eStargz are mounted lazily instead of downloaded.
+    remote_snapshots: bool = True
+    # Seconds a Prepare waits for a layer to mount before containerd is told
+    # to download it instead (a slow registry must not stall a pull).
+    remote_mount_timeout: float = 20.0
+    # After a layer is mounted, fetch the rest of it in the background.
+    background_fetch: bool = True
+    # Seconds a read may wait for its chunks before it fails with EIO.
+    fetch_deadline: float = 30.0
+    # Seconds between health checks of the layer mount processes.
+    mount_check_interval: float = 1.0
+    # On SIGTERM, unmount every layer (else they keep serving running
+    # containers and the next `crfs serve` adopts them).
+    unmount_on_stop: bool = False
 
     @classmethod
     def defaults(cls) -> "Config":
@@ -67,8 +82,15 @@ class Config:
                 if not value.is_absolute():
                     raise ConfigError(f"{source}: {name} must be an absolute path, not {str(value)!r}")
             elif name == "grpc_workers":
-                if not isinstance(value, int) or value < 1:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ConfigError(f"{source}: grpc_workers must be a positive integer")
+            elif isinstance(getattr(self, name), bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{source}: {name} must be true or false")
+            elif isinstance(getattr(self, name), float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ConfigError(f"{source}: {name} must be a positive number of seconds")
+                value = float(value)
             elif not isinstance(value, str):
                 raise ConfigError(f"{source}: {name} must be a string")
             changes[name] = value

@@ -25,3 +25,8 @@ class FailedPrecondition(SnapshotError):
 
 class InvalidArgument(SnapshotError):
     """The request itself is malformed (empty key, bad filter, immutable field)."""
+
+
+class Unavailable(SnapshotError):
+    """A layer the snapshot stands on is not mounted right now (its process
+    is being restarted, or its registry is unreachable); retrying may work."""

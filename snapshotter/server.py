@@ -22,10 +22,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
+from lazyfs.layer_source import RemoteOptions
+
 from .config import Config
+from .layers import LayerMounts
 from .service import SERVICE_NAME, SnapshotsService
 from .snapshots import CrashPoint, Snapshotter
 from .store import MetaStore
+from .supervisor import MountSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,19 @@ def _crash_point() -> Optional[CrashPoint]:
     return crash
 
 
+def _layer_mounts(cfg: Config, stack: ExitStack) -> Optional[LayerMounts]:
+    """The lazily mounted layers, or None when remote snapshots are off.
+    Stopping leaves them mounted (running containers use them) unless
+    ``unmount_on_stop``."""
+    if not cfg.remote_snapshots:
+        return None
+    supervisor = MountSupervisor(poll_interval=cfg.mount_check_interval, start_timeout=cfg.remote_mount_timeout)
+    stack.callback(lambda: supervisor.close(unmount_all=cfg.unmount_on_stop))
+    remote = RemoteOptions(cache_dir=str(cfg.root / "cache"), background_fetch=cfg.background_fetch,
+                           fetch_deadline=cfg.fetch_deadline)
+    return LayerMounts(cfg.root / "layers", supervisor, remote)
+
+
 def serve(cfg: Config) -> None:
     """Serves until SIGTERM or SIGINT; raises ServeError if it cannot start."""
     # Blocked before any thread starts (threads inherit the mask) and taken
@@ -107,7 +124,9 @@ def serve(cfg: Config) -> None:
         _lock_root(cfg.root, stack)
         store = MetaStore(cfg.root / "metadata.db", synchronous=cfg.metadata_sync)
         stack.callback(store.close)
-        snapshotter = Snapshotter(cfg.root, store, crash_point=_crash_point())
+        layers = _layer_mounts(cfg, stack)
+        snapshotter = Snapshotter(cfg.root, store, crash_point=_crash_point(), layers=layers)
+        snapshotter.recover()
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"))
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)

@@ -7,6 +7,15 @@ Layout under ``root``::
     snapshots/<id>/fs       the snapshot's files (upper dir when active)
     snapshots/<id>/work     fuse-overlayfs work dir (active snapshots only)
     snapshots/new-*         being prepared; never referenced by the store
+    layers/<digest>         a lazily mounted layer (lazyfs), shared by every
+                            remote snapshot on it (see ``layers.LayerMounts``)
+
+A remote snapshot is a committed snapshot whose files are such a layer: a
+Prepare whose labels name a layer crfs can mount lazily (``remote``) mounts
+it, commits the target snapshot containerd asked for, and answers
+AlreadyExists, as containerd's remote snapshotter protocol wants; anything
+else about it (unreachable registry, not eStargz) makes it an ordinary
+Prepare, and containerd downloads the layer.
 
 Crash safety comes from ordering: a new snapshot's directory is built under
 ``new-*`` and renamed to its id inside the store transaction that creates its
@@ -24,9 +33,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import InvalidArgument
+from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .filters import parse_filters
+from .layers import LayerMounts, LayerUnavailable
 from .mounts import Mount, snapshot_mounts
+from .remote import REMOTE_LABEL, LayerRequest, layer_request
 from .store import Kind, MetaStore, SnapshotInfo, SnapshotRecord, Usage
 
 log = logging.getLogger(__name__)
@@ -65,7 +76,10 @@ def _remove_tree(path: Path) -> None:
 class Snapshotter:
     """Prepare, View, Mounts, Commit, Remove, Stat, Update, Usage, Walk, Cleanup."""
 
-    def __init__(self, root: Path, store: MetaStore, crash_point: Optional[CrashPoint] = None) -> None:
+    def __init__(
+        self, root: Path, store: MetaStore, crash_point: Optional[CrashPoint] = None,
+        layers: Optional[LayerMounts] = None,
+    ) -> None:
         if any(c in str(root) for c in ",:"):
             # fuse-overlayfs splits its options at ',' and lowerdir at ':'
             raise InvalidArgument(f"root {root} must not contain ',' or ':'")
@@ -74,21 +88,85 @@ class Snapshotter:
         self._snapshots.mkdir(parents=True, exist_ok=True)
         self._store = store
         self._crash_point = crash_point or (lambda name: None)
+        self._layers = layers  # None: remote snapshots are off
+
+    def recover(self) -> None:
+        """At start: take over the layer mounts of stored remote snapshots and
+        clear the ones nobody owns (left by a crash)."""
+        if self._layers is None:
+            return
+        with self._store.transaction() as tx:
+            layers = tx.remote_layers()
+        self._layers.adopt(layers)
+        for digest in self._layers.sweep():
+            log.info("cleared layer mount %s that no snapshot uses", digest)
 
     # -- paths ---------------------------------------------------------------
 
     def _dir(self, snapshot_id: int) -> Path:
         return self._snapshots / str(snapshot_id)
 
+    def _lower(self, snapshot_id: int, layer: Optional[str]) -> Path:
+        """The files of a committed snapshot: its dir, or its layer's mount."""
+        if layer and self._layers is not None:
+            return self._layers.mountpoint(layer)
+        return self._dir(snapshot_id) / "fs"
+
     def _mounts(self, record: SnapshotRecord) -> list[Mount]:
         d = self._dir(record.id)
-        lowers = [self._dir(p) / "fs" for p in record.parent_ids]
+        layers = [digest for digest in record.parent_layers if digest]
+        if layers:
+            if self._layers is None:
+                raise Unavailable("remote snapshots are turned off, and this snapshot stands on remote layers")
+            try:
+                self._layers.ensure(layers)
+            except LayerUnavailable as exc:
+                raise Unavailable(str(exc)) from None
+        lowers = [self._lower(pid, digest) for pid, digest in zip(record.parent_ids, record.parent_layers)]
         return snapshot_mounts(record.kind == Kind.ACTIVE, d / "fs", d / "work", lowers)
 
     # -- calls ---------------------------------------------------------------
 
     def prepare(self, key: str, parent: str = "", labels: Optional[dict[str, str]] = None) -> list[Mount]:
-        return self._create(Kind.ACTIVE, key, parent, labels or {})
+        labels = labels or {}
+        request = layer_request(labels) if self._layers is not None else None
+        if request is not None:
+            self._prepare_remote(key, parent, labels, request)
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def _prepare_remote(self, key: str, parent: str, labels: dict[str, str], request: LayerRequest) -> None:
+        """Raises AlreadyExists once the target is a remote snapshot; returns
+        when the Prepare should be an ordinary one."""
+        with self._store.transaction() as tx:
+            existing = tx.remote_target(request.target, parent)
+            parent_found = tx.find(parent) if parent else None
+            if tx.find(key) is not None or (parent and (parent_found is None or parent_found[1].kind != Kind.COMMITTED)):
+                return  # the ordinary path answers with the right error
+        if existing is not None:
+            raise AlreadyExists(f"target snapshot {request.target!r} already exists as {existing!r}")
+        assert self._layers is not None
+        try:
+            self._layers.acquire(request.layer)
+        except LayerUnavailable as exc:
+            log.info("layer %s is not mounted lazily, preparing %r for download: %s", request.layer.digest, key, exc)
+            return
+        try:
+            with self._store.transaction(write=True) as tx:
+                existing = tx.remote_target(request.target, parent)
+                if existing is None:
+                    name = request.target
+                    if tx.find(name) is not None:  # taken by a chain with another parent
+                        name = f"{request.target}@{len(tx.ids())}-{os.urandom(4).hex()}"
+                    tx.create_remote(name, parent, {**labels, REMOTE_LABEL: "remote snapshot"}, request.layer)
+                    self._crash_point("remote:before-commit")
+        except BaseException:
+            self._layers.release(request.layer.digest)
+            raise
+        if existing is not None:  # made concurrently by another Prepare
+            self._layers.release(request.layer.digest)
+        else:
+            log.info("remote snapshot %r on layer %s (%s)", name, request.layer.digest, request.layer.source)
+        raise AlreadyExists(f"target snapshot {request.target!r} already exists")
 
     def view(self, key: str, parent: str = "", labels: Optional[dict[str, str]] = None) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels or {})
@@ -106,7 +184,7 @@ class Snapshotter:
                 record = tx.create(kind, key, parent, labels)
                 if record.parent_ids:
                     # the new upper dir takes the owner of the parent's root
-                    st = os.stat(self._dir(record.parent_ids[0]) / "fs")
+                    st = os.stat(self._lower(record.parent_ids[0], record.parent_layers[0]))
                     os.lchown(staging / "fs", st.st_uid, st.st_gid)
                 self._crash_point("create:before-rename")
                 final = self._dir(record.id)
@@ -139,10 +217,12 @@ class Snapshotter:
 
     def remove(self, key: str) -> None:
         with self._store.transaction(write=True) as tx:
-            snapshot_id, _ = tx.remove(key)
+            snapshot_id, _, layer = tx.remove(key)
             self._crash_point("remove:before-commit")
         self._crash_point("remove:after-commit")
         _remove_tree(self._dir(snapshot_id))
+        if layer is not None and self._layers is not None:
+            self._layers.release(layer)
 
     def stat(self, key: str) -> SnapshotInfo:
         with self._store.transaction() as tx:
@@ -185,4 +265,8 @@ class Snapshotter:
         for path in orphans:
             log.info("cleanup: removing %s", path)
             _remove_tree(path)
+        if self._layers is not None:
+            for digest in self._layers.sweep():
+                log.info("cleanup: cleared layer mount %s", digest)
+                orphans.append(self._layers.mountpoint(digest))
         return orphans

@@ -28,7 +28,8 @@ from typing import Iterator, Optional
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import Filter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+REF_LABEL = "containerd.io/snapshot.ref"  # the target a Prepare asks for
 MAX_LABEL_BYTES = 4096  # containerd's limit for one key + value
 
 
@@ -71,12 +72,25 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class RemoteLayer:
+    """The lazily mounted layer behind a remote snapshot: what to mount again
+    after a restart (``source`` as lazyfs takes it, the TOC digest it was
+    checked against)."""
+
+    digest: str
+    source: str
+    toc_digest: str = ""
+
+
+@dataclass(frozen=True)
 class SnapshotRecord:
     """A snapshot as the snapshotter needs it to build mounts."""
 
     id: int
     kind: Kind
     parent_ids: tuple[int, ...]  # nearest parent first
+    # per parent, the layer digest of a remote snapshot (None: its own dir)
+    parent_layers: tuple[Optional[str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,16 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 """
 
+# Version 2: a committed snapshot may be remote, i.e. a lazily mounted layer.
+_MIGRATIONS = {
+    2: """
+ALTER TABLE snapshots ADD COLUMN layer_digest TEXT;
+ALTER TABLE snapshots ADD COLUMN layer_source TEXT;
+ALTER TABLE snapshots ADD COLUMN layer_toc TEXT;
+CREATE INDEX IF NOT EXISTS snapshots_layer ON snapshots(layer_digest);
+""",
+}
+
 _INFO_SELECT = """
 SELECT s.id, s.key, s.kind, COALESCE(p.key, ''), s.labels, s.created, s.updated, s.size, s.inodes
 FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
@@ -142,16 +166,21 @@ class Transaction:
     def _info(row: sqlite3.Row) -> SnapshotInfo:
         return SnapshotInfo(name=row[1], kind=Kind(row[2]), parent=row[3], labels=json.loads(row[4]), created_ns=row[5], updated_ns=row[6])
 
-    def _parent_chain(self, snapshot_id: int) -> tuple[int, ...]:
+    def _parent_chain(self, snapshot_id: int) -> list[tuple[int, Optional[str]]]:
+        """(id, layer digest) of every ancestor, nearest first."""
         rows = self._conn.execute(
-            """WITH RECURSIVE chain(id, parent_id, depth) AS (
-                   SELECT id, parent_id, 0 FROM snapshots WHERE id = ?
+            """WITH RECURSIVE chain(id, parent_id, layer_digest, depth) AS (
+                   SELECT id, parent_id, layer_digest, 0 FROM snapshots WHERE id = ?
                    UNION ALL
-                   SELECT s.id, s.parent_id, c.depth + 1 FROM snapshots s JOIN chain c ON s.id = c.parent_id)
-               SELECT id FROM chain WHERE depth > 0 ORDER BY depth""",
+                   SELECT s.id, s.parent_id, s.layer_digest, c.depth + 1 FROM snapshots s JOIN chain c ON s.id = c.parent_id)
+               SELECT id, layer_digest FROM chain WHERE depth > 0 ORDER BY depth""",
             (snapshot_id,),
         ).fetchall()
-        return tuple(r[0] for r in rows)
+        return [(r[0], r[1]) for r in rows]
+
+    def _record(self, snapshot_id: int, kind: Kind) -> SnapshotRecord:
+        chain = self._parent_chain(snapshot_id)
+        return SnapshotRecord(snapshot_id, kind, tuple(i for i, _ in chain), tuple(d for _, d in chain))
 
     def info(self, key: str) -> tuple[int, SnapshotInfo, Usage]:
         row = self._row(key)
@@ -168,7 +197,7 @@ class Transaction:
         kind = Kind(row[2])
         if kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(f"snapshot {key!r} is not active or view")
-        return SnapshotRecord(row[0], kind, self._parent_chain(row[0]))
+        return self._record(row[0], kind)
 
     def walk(self, flt: Filter) -> list[SnapshotInfo]:
         infos = (self._info(r) for r in self._conn.execute(_INFO_SELECT + " ORDER BY s.key"))
@@ -176,6 +205,27 @@ class Transaction:
 
     def ids(self) -> set[int]:
         return {r[0] for r in self._conn.execute("SELECT id FROM snapshots")}
+
+    def remote_target(self, target: str, parent: str) -> Optional[str]:
+        """The name of the committed snapshot made for ``target`` (the
+        ``containerd.io/snapshot.ref`` label) on top of ``parent``, if any."""
+        rows = self._conn.execute(
+            "SELECT s.key, s.labels FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id"
+            " WHERE s.kind = ? AND COALESCE(p.key, '') = ? AND s.labels LIKE ?",
+            (int(Kind.COMMITTED), parent, "%" + json.dumps(target)[1:-1] + "%"),
+        )
+        for key, labels in rows:
+            if json.loads(labels).get(REF_LABEL) == target:
+                return key
+        return None
+
+    def remote_layers(self) -> list[tuple[RemoteLayer, int]]:
+        """Every layer remote snapshots stand on, with how many use it."""
+        rows = self._conn.execute(
+            "SELECT layer_digest, MIN(layer_source), MIN(COALESCE(layer_toc, '')), COUNT(*) FROM snapshots"
+            " WHERE layer_digest IS NOT NULL GROUP BY layer_digest ORDER BY layer_digest"
+        )
+        return [(RemoteLayer(d, src, toc), n) for d, src, toc, n in rows]
 
     # -- writes --------------------------------------------------------------
 
@@ -200,9 +250,16 @@ class Transaction:
             "INSERT INTO snapshots (key, parent_id, kind, labels, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
             (key, parent_id, int(kind), encoded_labels, now, now),
         )
-        new_id = int(cur.lastrowid)
-        parents = (parent_id,) + self._parent_chain(parent_id) if parent_id is not None else ()
-        return SnapshotRecord(new_id, kind, parents)
+        return self._record(int(cur.lastrowid), kind)
+
+    def create_remote(self, name: str, parent: str, labels: dict[str, str], layer: RemoteLayer) -> int:
+        """A committed snapshot whose contents are ``layer``, mounted lazily."""
+        record = self.create(Kind.ACTIVE, name, parent, labels)  # same checks as Prepare
+        self._conn.execute(
+            "UPDATE snapshots SET kind = ?, layer_digest = ?, layer_source = ?, layer_toc = ? WHERE id = ?",
+            (int(Kind.COMMITTED), layer.digest, layer.source, layer.toc_digest or None, record.id),
+        )
+        return record.id
 
     def commit(self, key: str, name: str, usage: Usage, labels: dict[str, str]) -> int:
         if not name:
@@ -222,14 +279,15 @@ class Transaction:
         )
         return int(row[0])
 
-    def remove(self, key: str) -> tuple[int, Kind]:
-        row = self._conn.execute("SELECT id, kind FROM snapshots WHERE key = ?", (key,)).fetchone()
+    def remove(self, key: str) -> tuple[int, Kind, Optional[str]]:
+        """Deletes the record: its id, kind and, if remote, its layer digest."""
+        row = self._conn.execute("SELECT id, kind, layer_digest FROM snapshots WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
         if self._conn.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (row[0],)).fetchone():
             raise FailedPrecondition(f"cannot remove snapshot {key!r} with child")
         self._conn.execute("DELETE FROM snapshots WHERE id = ?", (row[0],))
-        return int(row[0]), Kind(row[1])
+        return int(row[0]), Kind(row[1]), row[2]
 
     def update(self, info: SnapshotInfo, fieldpaths: list[str]) -> SnapshotInfo:
         """Only labels are mutable: ``labels`` replaces them all, ``labels.KEY`` one."""
@@ -269,6 +327,10 @@ class MetaStore:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{path}: schema version {version} is newer than this crfs ({SCHEMA_VERSION})")
         self._conn.executescript(_SCHEMA)
+        for target in range(2, SCHEMA_VERSION + 1):
+            if version < target:
+                # ALTER TABLE is transactional in SQLite: all or nothing
+                self._conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target]} PRAGMA user_version={target}; COMMIT;")
         self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager

@@ -11,6 +11,7 @@ API::
     handle = sup.acquire(digest, source, mountpoint, toc_digest, remote)  # start or reuse, +1 ref
     sup.release(digest)        # -1 ref; at 0: unmount, stop the process
     sup.adopt(digest, source, mountpoint, toc_digest, remote, pid)  # take over after a crfs restart
+    sup.discard(mountpoint)    # clear a mount nobody holds (left by a crash)
     sup.health()               # {digest: {pid, refs, restarts, last_error, status, ...}}
     sup.close(unmount_all=False)
 
@@ -154,12 +155,16 @@ class MountSupervisor:
     ) -> MountHandle:
         """Take over a mount recorded by a previous crfs (+1 reference): kept
         as is if ``pid`` is alive, is a lazyfs process of this mountpoint and
-        answers status; otherwise the mountpoint is cleared and mounted again
-        (counted as a restart)."""
+        answers status (``pid`` None: the process answering at the mountpoint,
+        since a restart by the previous crfs may have changed it); otherwise
+        the mountpoint is cleared and mounted again (counted as a restart)."""
         m = self._take_ref(layer_digest, source, mountpoint, toc_digest, remote)
         with m.lock:
             if m.pid is not None or m.state != "starting":
                 return MountHandle(layer_digest, m.mountpoint, m.pid or 0)  # already ours
+            if not pid:  # not recorded: whoever answers at the mountpoint
+                with contextlib.suppress(mount.MountError, ValueError, AttributeError):
+                    pid = int(mount.status(m.mountpoint, timeout=self.status_timeout).get("pid") or 0)
             if pid and self._healthy(m.mountpoint, pid):
                 m.pid, m.adopted, m.state = pid, True, "running"
                 log.info("adopted %s at %s (pid %d)", layer_digest, m.mountpoint, pid)
@@ -175,6 +180,27 @@ class MountSupervisor:
                 raise
             m.state, m.restarts, m.attempts = "running", m.restarts + 1, m.attempts + 1
             return MountHandle(layer_digest, m.mountpoint, m.pid)
+
+    def holds(self, layer_digest: str) -> bool:
+        """Whether ``layer_digest`` is acquired (or being started)."""
+        with self._lock:
+            m = self._mounts.get(layer_digest)
+            return m is not None and not m.closing
+
+    def discard(self, mountpoint: str | os.PathLike[str]) -> None:
+        """Unmount a layer mount nobody holds (left by a crash) and end its
+        process; the mountpoint must not be one this supervisor serves."""
+        real = os.path.realpath(mountpoint)
+        with self._lock:
+            if any(m.mountpoint == real and not m.closing for m in self._mounts.values()):
+                raise SupervisorError(f"{real} is in use")
+        pid = None
+        with contextlib.suppress(mount.MountError, ValueError, AttributeError):
+            pid = int(mount.status(real, timeout=1.0).get("pid") or 0)
+        with contextlib.suppress(mount.MountError):
+            mount.unmount(real, timeout=5.0)
+        self._kill_leftover(real, pid)
+        self._clear_mount(real)
 
     def release(self, layer_digest: str) -> None:
         """-1 reference; the last one unmounts the layer and stops its process."""

@@ -76,6 +76,9 @@ def test_socket_group_from_config(tmp_path):
         ('root = "relative/dir"', "absolute path"),
         ('log_level = "loud"', "log_level must be one of"),
         ('grpc_workers = 0', "positive integer"),
+        ('remote_snapshots = "yes"', "remote_snapshots must be true or false"),
+        ('remote_mount_timeout = 0', "positive number of seconds"),
+        ('fetch_deadline = "1s"', "positive number of seconds"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, content, message):
@@ -101,3 +104,34 @@ def test_default_paths_follow_conventions(monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.local/share")
     user = Config.defaults()
     assert (str(user.root), str(user.address)) == ("/home/u/.local/share/containerd-crfs", "/run/user/1000/containerd-crfs/containerd-crfs-grpc.sock")
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path):
+    """A metadata.db written before remote snapshots existed opens, keeps its
+    snapshots, and can hold remote ones afterwards."""
+    import sqlite3
+
+    from snapshotter.store import Kind, MetaStore, RemoteLayer
+
+    db = tmp_path / "metadata.db"
+    conn = sqlite3.connect(db)
+    conn.executescript("""
+        CREATE TABLE snapshots (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE,
+            parent_id INTEGER REFERENCES snapshots(id), kind INTEGER NOT NULL, labels TEXT NOT NULL DEFAULT '{}',
+            created INTEGER NOT NULL, updated INTEGER NOT NULL, size INTEGER NOT NULL DEFAULT 0, inodes INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO snapshots (key, kind, labels, created, updated) VALUES ('base', 3, '{"a": "b"}', 1, 1);
+        PRAGMA user_version=1;
+    """)
+    conn.close()
+    store = MetaStore(db)
+    try:
+        with store.transaction(write=True) as tx:
+            assert tx.info("base")[1].labels == {"a": "b"}
+            tx.create_remote("remote", "base", {"containerd.io/snapshot.ref": "t"}, RemoteLayer("sha256:" + "1" * 64, "registry://h/r@x"))
+        with store.transaction() as tx:
+            assert tx.info("remote")[1].kind == Kind.COMMITTED
+            assert tx.remote_target("t", "base") == "remote"
+            assert [(layer.digest, n) for layer, n in tx.remote_layers()] == [("sha256:" + "1" * 64, 1)]
+    finally:
+        store.close()
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2

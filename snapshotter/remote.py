@@ -1,0 +1,59 @@
+"""Which Prepare asks for a remote snapshot, read from its labels.
+
+containerd's unpacker sends ``containerd.io/snapshot.ref`` (the chain ID
+the layer is to be committed as) with every Prepare, plus the layer
+descriptor's annotations under ``containerd.io/snapshot/``: the CRI plugin
+(``disable_snapshot_annotations = false``) and ``crfs rpull`` add the image
+reference and the layer digest there, and eStargz images carry the TOC
+digest. With all of that, the layer can be mounted from its registry
+instead of being downloaded; without it, the Prepare is an ordinary one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from lazyfs.registry.errors import InvalidReference
+from lazyfs.registry.reference import parse_reference
+
+from .store import REF_LABEL, RemoteLayer
+
+IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
+LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
+TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
+# set on the snapshots crfs commits itself (the stargz-snapshotter's name)
+REMOTE_LABEL = "containerd.io/snapshot/remote"
+REGISTRY_SCHEME = "registry://"  # lazyfs's source for a registry blob
+
+
+@dataclass(frozen=True)
+class LayerRequest:
+    """A Prepare that names a layer crfs may mount lazily."""
+
+    target: str  # the committed snapshot containerd wants
+    layer: RemoteLayer
+
+
+def _is_digest(text: str) -> bool:
+    algo, sep, hexpart = text.partition(":")
+    return algo == "sha256" and sep == ":" and len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
+
+
+def layer_request(labels: Mapping[str, str]) -> Optional[LayerRequest]:
+    """The layer to mount for a Prepare with these labels, or None when they
+    do not name one completely (then the Prepare is an ordinary one)."""
+    target = labels.get(REF_LABEL, "")
+    image_ref = labels.get(IMAGE_REF_LABEL, "")
+    digest = labels.get(LAYER_DIGEST_LABEL, "")
+    if not (target and image_ref and _is_digest(digest)):
+        return None
+    try:
+        ref = parse_reference(image_ref)
+    except InvalidReference:
+        return None
+    toc = labels.get(TOC_DIGEST_LABEL, "")
+    if toc and not _is_digest(toc):
+        return None
+    source = f"{REGISTRY_SCHEME}{ref.registry}/{ref.repository}@{digest}"
+    return LayerRequest(target, RemoteLayer(digest, source, toc))
