@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from lazyfs import cli as lazyfs_cli
 from lazyfs import mount_cli
 
-from . import config
+from . import config, rpull
 from .errors import SnapshotError
 
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     lazyfs_cli.register(sub)
     mount_cli.register(sub)
+    rpull.register(sub)
     return parser
 
 
