@@ -1,6 +1,15 @@
 """A private containerd 1.6 for one test or benchmark: its own root, state
 and socket, CRI off, optionally wired to crfs through ``proxy_plugins``.
 
+``cri=True`` turns containerd's CRI plugin on (served on the same socket,
+namespace ``k8s.io``): its images unpack into crfs (or overlayfs without
+crfs) with the snapshot annotations on, its CNI and registry host
+directories live in the test dir, and ``cri_registries`` (or
+``cri_allow_http`` later) lets it pull over plain HTTP from test registries.
+Without ``cri`` the config is exactly what it always was. CRI's namespace is
+fixed, so two CRI-mode containerds would share runc's ``k8s.io`` state dir:
+fine for image pulls (what the tests do), not for running pods concurrently.
+
 On exit it kills and deletes every task and container in every namespace,
 stops containerd, ends the shims it started (they outlive containerd by
 design), unmounts whatever is left below its directories and deletes them.
@@ -15,14 +24,17 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from .mounts import remove_tree, unmount_all
 from .proc import Daemon, HarnessError, Managed, require_binary, run, unix_socket_accepts
 
 NAMESPACE_PREFIX = "crfs-test-"
 PROXY_NAME = "crfs"
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+CRI_NAMESPACE = "k8s.io"  # where the CRI plugin keeps its images and containers
 RUNC_ROOT = Path("/run/containerd/runc")  # the runc shim's default --root, one dir per namespace
 
 # Snapshotters that cannot work here or would only add noise to the log.
@@ -39,9 +51,60 @@ def _toml_str(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_config(dirs: Mapping[str, Path], crfs_address: Optional[Path]) -> str:
+@dataclass(frozen=True)
+class CriConfig:
+    """What the CRI plugin section needs: its snapshotter and its dirs."""
+
+    snapshotter: str
+    registry_hosts: Path  # config_path: one HOST[:PORT]/hosts.toml per registry
+    cni_conf: Path
+    cni_bin: Path
+
+
+def render_cri(cri: CriConfig) -> list[str]:
+    """The ``[plugins."io.containerd.grpc.v1.cri"]`` tables (containerd 1.6).
+
+    ``disable_snapshot_annotations = false`` makes CRI pulls pass the
+    ``containerd.io/snapshot/cri.*`` labels to the snapshotter, which a
+    remote snapshotter needs to find the layer in the registry.
+    CRI's own root and state are ``ROOT/io.containerd.grpc.v1.cri`` and
+    ``STATE/io.containerd.grpc.v1.cri``, inside the test dir already.
+    """
+    section = f'[plugins."{CRI_PLUGIN}"'
+    return [
+        "",
+        f"{section}]",
+        '  stream_server_address = "127.0.0.1"',
+        '  stream_server_port = "0"',
+        "  netns_mounts_under_state_dir = true",
+        f"{section}.containerd]",
+        f"  snapshotter = {_toml_str(cri.snapshotter)}",
+        "  disable_snapshot_annotations = false",
+        f"{section}.cni]",
+        f"  bin_dir = {_toml_str(cri.cni_bin)}",
+        f"  conf_dir = {_toml_str(cri.cni_conf)}",
+        f"{section}.registry]",
+        f"  config_path = {_toml_str(cri.registry_hosts)}",
+    ]
+
+
+def render_hosts_toml(host: str) -> str:
+    """``hosts.toml`` for a plain-HTTP registry at ``host`` (``127.0.0.1:PORT``).
+
+    containerd 1.6.20 rejects a hosts.toml without a ``[host."…"]`` table
+    ("failed to decode hosts.toml: invalid `host` tree", then ignores the
+    file), hence the table even though ``server`` alone would say it all.
+    Without any hosts.toml, 1.6 already uses plain HTTP for loopback hosts;
+    the file makes that explicit and works for other hosts too.
+    """
+    return f"server = {_toml_str('http://' + host)}\n\n[host.{_toml_str('http://' + host)}]\n" \
+           '  capabilities = ["pull", "resolve"]\n'
+
+
+def render_config(dirs: Mapping[str, Path], crfs_address: Optional[Path], cri: Optional[CriConfig] = None) -> str:
     """containerd's version-2 config.toml for the given directories."""
-    disabled = ", ".join(_toml_str(p) for p in DISABLED_PLUGINS)
+    plugins_off = DISABLED_PLUGINS if cri is None else tuple(p for p in DISABLED_PLUGINS if p != CRI_PLUGIN)
+    disabled = ", ".join(_toml_str(p) for p in plugins_off)
     lines = [
         "version = 2",
         f"root = {_toml_str(dirs['root'])}",
@@ -68,6 +131,8 @@ def render_config(dirs: Mapping[str, Path], crfs_address: Optional[Path]) -> str
             '  type = "snapshot"',
             f"  address = {_toml_str(crfs_address)}",
         ]
+    if cri is not None:
+        lines += render_cri(cri)
     return "\n".join(lines) + "\n"
 
 
@@ -80,8 +145,15 @@ class Containerd(Managed):
         namespace: Optional[str] = None,
         workdir: Optional[Path] = None,
         start_timeout: float = 30.0,
+        cri: bool = False,
+        cri_registries: Sequence[str] = (),
+        cri_snapshotter: Optional[str] = None,
     ):
         self.crfs_address = crfs_address
+        self.cri = cri
+        self.cri_registries = tuple(cri_registries)
+        # CRI unpacks into crfs when there is one, else into the builtin overlayfs.
+        self.cri_snapshotter = cri_snapshotter or (PROXY_NAME if crfs_address else "overlayfs")
         # Unique by default: runc keeps container state in one global dir per
         # namespace, which concurrent containerds must not share.
         self.namespace = namespace or NAMESPACE_PREFIX + secrets.token_hex(4)
@@ -105,6 +177,28 @@ class Containerd(Managed):
         return self._dir / "c.sock"
 
     @property
+    def cri_registry_hosts(self) -> Path:
+        """The CRI plugin's registry ``config_path``."""
+        return self._dir / "certs.d"
+
+    def cri_allow_http(self, host: str) -> None:
+        """Let the CRI plugin pull from ``host`` (``127.0.0.1:PORT``) over
+        plain HTTP; read at each pull, so it works on a running containerd."""
+        hosts_dir = self.cri_registry_hosts / host
+        hosts_dir.mkdir(parents=True, exist_ok=True)
+        (hosts_dir / "hosts.toml").write_text(render_hosts_toml(host))
+
+    def _cri_config(self) -> Optional[CriConfig]:
+        if not self.cri:
+            return None
+        cni = self._dir / "cni"
+        for path in (cni / "net.d", cni / "bin", self.cri_registry_hosts):
+            path.mkdir(parents=True, exist_ok=True)
+        for host in self.cri_registries:
+            self.cri_allow_http(host)
+        return CriConfig(self.cri_snapshotter, self.cri_registry_hosts, cni / "net.d", cni / "bin")
+
+    @property
     def _dir(self) -> Path:
         if self.workdir is None:
             raise HarnessError("containerd not started")
@@ -118,7 +212,7 @@ class Containerd(Managed):
         self.workdir.mkdir(parents=True, exist_ok=True)
         dirs = {"root": self.root, "state": self.state, "socket": self.address}
         config = self.workdir / "config.toml"
-        config.write_text(render_config(dirs, self.crfs_address))
+        config.write_text(render_config(dirs, self.crfs_address, self._cri_config()))
         self.daemon = Daemon("containerd", [binary, "--config", str(config)], self.workdir / "containerd.log")
         self.daemon.start()
         self.daemon.wait_until(self._serving, "serving on its socket", self.start_timeout)
