@@ -13,6 +13,8 @@ Missing tools fail, never skip.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -148,4 +150,41 @@ def test_cri_pull_image(snapshotter: str, whiteout_image: OciImage) -> None:
         try:
             pull_check_remove(stack, snapshotter, whiteout_image)
         except (AssertionError, HarnessError) as e:
+            raise AssertionError(f"{e}\n{stack.logs()}") from e
+
+
+def test_cri_pull_of_an_estargz_image_mounts_every_layer_lazily(whiteout_image: OciImage) -> None:
+    """With the annotations CRI passes, crfs mounts each eStargz layer from
+    the registry instead of letting containerd download it."""
+    import subprocess
+
+    from lazyfs import mount
+
+    with cri_stack(with_crfs=True) as stack:
+        try:
+            assert stack.crfs is not None
+            plain = push_image(whiteout_image, stack.registry.host, REPO)
+            ref = f"{stack.registry.host}/{REPO}:esgz"
+            subprocess.run(["crfs", "convert", plain, ref], check=True, capture_output=True, timeout=300)
+            layers_dir = stack.crfs.root / "layers"
+            try:
+                with stack.cri() as cri:
+                    cri.pull(ref)
+                    labels = committed_labels(stack.crfs)
+                    assert len(labels) == LAYERS
+                    assert all(lab.get("containerd.io/snapshot/remote") for lab in labels.values()), labels
+                    mounted = sorted(os.listdir(layers_dir))
+                    assert len(mounted) == LAYERS and all(mount.is_mounted(layers_dir / m) for m in mounted)
+                    # containerd never downloaded a layer: only manifest + config are in its content store
+                    blobs = stack.containerd.ctr("content", "ls", "-q", namespace=CRI_NAMESPACE).stdout.split()
+                    assert len(blobs) == 2, blobs
+                    cri.remove(ref)
+                stack.containerd.gc()
+                assert stack.wait_clean(CRFS) == {}
+                assert os.listdir(layers_dir) == []
+            finally:
+                for name in os.listdir(layers_dir) if layers_dir.is_dir() else []:
+                    with contextlib.suppress(mount.MountError):
+                        mount.unmount(layers_dir / name)
+        except (AssertionError, HarnessError, subprocess.CalledProcessError) as e:
             raise AssertionError(f"{e}\n{stack.logs()}") from e
