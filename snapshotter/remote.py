@@ -5,8 +5,8 @@ the layer is to be committed as) with every Prepare, plus the layer
 descriptor's annotations under ``containerd.io/snapshot/``: the CRI plugin
 (``disable_snapshot_annotations = false``) and ``crfs rpull`` add the image
 reference and the layer digest there, and eStargz images carry the TOC
-digest. With all of that, the layer can be mounted from its registry
-instead of being downloaded; without it, the Prepare is an ordinary one.
+digest. With all three, the layer can be mounted from its registry and
+every chunk verified; without them the Prepare is an ordinary one.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def layer_request(labels: Mapping[str, str]) -> Optional[LayerRequest]:
     except InvalidReference:
         return None
     toc = labels.get(TOC_DIGEST_LABEL, "")
-    if toc and not _is_digest(toc):
+    if not _is_digest(toc):
+        # Without the TOC digest from the (content-addressed) manifest, the
+        # chunk digests in the TOC could not be trusted: download instead.
         return None
     source = f"{REGISTRY_SCHEME}{ref.registry}/{ref.repository}@{digest}"
     return LayerRequest(target, RemoteLayer(digest, source, toc))

@@ -239,11 +239,14 @@ def test_view_of_a_remote_snapshot_is_a_bind_of_the_layer_mount(env: Env) -> Non
     assert usage.size == 0
 
 
-@pytest.mark.parametrize("case", ["plain-gzip", "toc-mismatch", "unreachable", "stalled"])
+@pytest.mark.parametrize("case", ["plain-gzip", "toc-mismatch", "no-toc-digest", "unreachable", "stalled"])
 def test_anything_but_a_reachable_estargz_layer_is_an_ordinary_prepare(env: Env, case: str) -> None:
     labels = {
-        "plain-gzip": lambda: env.labels("t", digest=env.gzip_digest),
+        # a TOC digest label too, so that it is the blob that says "not eStargz"
+        "plain-gzip": lambda: {**env.labels("t", digest=env.gzip_digest),
+                               "containerd.io/snapshot/stargz/toc.digest": env.layer.build.toc_digest},
         "toc-mismatch": lambda: env.labels("t", toc="sha256:" + "0" * 64),
+        "no-toc-digest": lambda: {k: v for k, v in env.labels("t").items() if "toc.digest" not in k},
         "unreachable": lambda: env.labels("t", host=f"127.0.0.1:{_closed_port()}"),
         "stalled": lambda: env.labels("t"),
     }[case]()
@@ -348,3 +351,44 @@ def test_a_crash_before_the_commit_leaves_no_mount_behind(tmp_path: Path, layer:
         assert names == []
         env.prepare_remote("k", "chain1")  # the interrupted call can be redone
         assert [i.name for i in env.walk("chain1")] == ["chain1"]
+
+
+def test_a_private_registry_is_read_with_the_docker_config_credentials(tmp_path: Path, layer: Layer) -> None:
+    """Layer processes take credentials from the Docker config file that
+    ``crfs serve`` sees (``$DOCKER_CONFIG``); without them the Prepare falls
+    back, and containerd (which has its own) downloads the layer."""
+    from registry.conftest import PASSWORD, USER, auths_entry, write_docker_config, write_htpasswd
+
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {USER: PASSWORD})
+    config = tmp_path / "crfs.toml"
+    config.write_text(CONFIG)
+    with Registry(tmp_path / "reg", auth={"htpasswd": {"realm": "crfs-test", "path": htpasswd}}) as registry:
+        with RegistryClient(client_config(docker_config=write_docker_config(tmp_path / "push-auth", {"auths": {registry.host: auths_entry()}}))) as rc:
+            rc.repository(f"{registry.host}/{REPO}").push_blob(layer.data, layer.digest)
+        labels = {
+            REF_LABEL: "chain1",
+            "containerd.io/snapshot/cri.image-ref": f"{registry.host}/{REPO}:v1",
+            "containerd.io/snapshot/cri.layer-digest": layer.digest,
+            "containerd.io/snapshot/stargz/toc.digest": layer.build.toc_digest,
+        }
+        anonymous = tmp_path / "anon"
+        anonymous.mkdir()
+        with CrfsServer(tmp_path / "root-a", tmp_path / "a.sock", ["--config", str(config)], env={"DOCKER_CONFIG": str(anonymous)}) as crfs:
+            client = connect(crfs)
+            resp = client.stub.Prepare(pb.PrepareSnapshotRequest(key="k", labels=labels))
+            assert [m.type for m in resp.mounts] == ["bind"]  # refused: an ordinary Prepare
+            client.channel.close()
+        docker = tmp_path / "docker"
+        write_docker_config(docker, {"auths": {registry.host: auths_entry()}})
+        with CrfsServer(tmp_path / "root-b", tmp_path / "b.sock", ["--config", str(config)], env={"DOCKER_CONFIG": str(docker)}) as crfs:
+            client = connect(crfs)
+            try:
+                with pytest.raises(grpc.RpcError) as err:
+                    client.stub.Prepare(pb.PrepareSnapshotRequest(key="k", labels=labels))
+                assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                mountpoint = crfs.root / "layers" / layer.digest.replace(":", "-")
+                assert sorted(os.listdir(mountpoint / "lib"))[:2] == ["m00.py", "m01.py"]
+                assert (mountpoint / "etc/hello.txt").read_bytes() == FILES["etc/hello.txt"]
+            finally:
+                client.channel.close()
+                _stop_layer_processes(crfs.root)
