@@ -19,6 +19,7 @@ Why the machinery:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Iterator, Sequence
 
 from .cache import ChunkCache
 from .chunks import ChunkUnavailable
+from .fetchslots import FetchSlots
 from .stargz.errors import FormatError, VerificationError
 from .stargz.reader import decode_chunk
 from .stargz.source import BlobSource, read_exactly
@@ -131,8 +133,10 @@ class RemoteChunks:
         blob_digest: str,
         cache: ChunkCache | None,
         config: FetchConfig = FetchConfig(),
+        slots: FetchSlots | None = None,
     ) -> None:
         self.source = source
+        self.slots = slots  # the host-wide cap on requests in flight, if any
         self.blob_digest = blob_digest
         self.cache = cache
         self.config = config
@@ -299,7 +303,8 @@ class RemoteChunks:
         """One request for ``span``; returns the chunks that failed verification."""
         self._counters.add("requests")
         try:
-            raw = read_exactly(self.source, span.offset, span.length)
+            with self.slots.held(self.config.deadline) if self.slots else contextlib.nullcontext():
+                raw = read_exactly(self.source, span.offset, span.length)
         except Exception as exc:  # noqa: BLE001 - any source failure is an unreadable range
             log.warning("blob %s: range %d+%d failed: %s", self.blob_digest, span.offset, span.length, exc)
             raise ChunkUnavailable(f"blob {self.blob_digest}: range {span.offset}+{span.length}: {exc}") from exc

@@ -14,6 +14,8 @@ in the background (prioritized files first).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,14 @@ class RemoteOptions:
     # a read that cannot get its chunks within this many seconds fails with
     # EIO; registry requests are bounded by it too
     fetch_deadline: float = 60.0
+    # JSON file of RegistryConfig.from_dict keys (mirrors, insecure hosts,
+    # Docker config) for registry:// sources; None: the defaults
+    registry_config: str | None = None
+    # the host-wide cap on registry requests in flight (lazyfs.fetchslots)
+    fetch_slots_dir: str | None = None
+    fetch_slots: int = 16
+    # RLIMIT_DATA of the mount process, MiB (None: unlimited)
+    memory_limit_mib: int | None = None
 
 
 @dataclass
@@ -96,7 +106,12 @@ def _registry_source(source: str, options: RemoteOptions) -> tuple[BlobSource, s
     if not sep or not digest.startswith("sha256:"):
         raise UnsupportedSource(f"{source}: want {REGISTRY_SCHEME}host/repo@sha256:…")
     deadline = options.fetch_deadline
-    client = RegistryClient(RegistryConfig(read_timeout=min(30.0, deadline), retry_budget=deadline))
+    base = RegistryConfig()
+    if options.registry_config:
+        with open(options.registry_config, encoding="utf-8") as f:
+            base = RegistryConfig.from_dict(json.load(f), options.registry_config)
+    config = dataclasses.replace(base, read_timeout=min(base.read_timeout, deadline), retry_budget=deadline)
+    client = RegistryClient(config)
     try:
         return RegistryBlobSource(client.repository(ref), digest), digest, client.close
     except BaseException:
@@ -112,6 +127,7 @@ def _open_remote(
     pick the cache and keep what to close."""
     from .cache import ChunkCache  # noqa: PLC0415 - remote only
     from .fetcher import FetchConfig  # noqa: PLC0415
+    from .fetchslots import FetchSlots  # noqa: PLC0415
     from .prefetch import PrefetchConfig  # noqa: PLC0415
     from .remote_layer import RemoteLayer  # noqa: PLC0415
 
@@ -120,8 +136,9 @@ def _open_remote(
         closers.append(blob.close)
     try:
         cache = ChunkCache(options.cache_dir) if options.cache_dir and blob_digest else None
+        slots = FetchSlots(options.fetch_slots_dir, options.fetch_slots) if options.fetch_slots_dir else None
         remote = RemoteLayer.open(blob, blob_digest or "", cache, toc_digest=toc_digest,
-                                  fetch=FetchConfig(deadline=options.fetch_deadline),
+                                  fetch=FetchConfig(deadline=options.fetch_deadline), slots=slots,
                                   prefetch=PrefetchConfig(background=options.background_fetch))
         closers.append(remote.close)
         remote.reader.release_toc_json()  # a mount serves the parsed TOC only

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -186,6 +187,12 @@ def remote_args(remote: RemoteOptions) -> list[str]:
         args += ["--blob-digest", remote.blob_digest]
     if not remote.background_fetch:
         args.append("--no-background-fetch")
+    if remote.registry_config:
+        args += ["--registry-config", remote.registry_config]
+    if remote.fetch_slots_dir:
+        args += ["--fetch-slots-dir", remote.fetch_slots_dir, "--fetch-slots", str(remote.fetch_slots)]
+    if remote.memory_limit_mib:
+        args += ["--memory-limit-mib", str(remote.memory_limit_mib)]
     return args
 
 
@@ -265,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blob-digest", help="digest of an https:// blob (keys the cache)")
     p.add_argument("--fetch-deadline", type=float, default=60.0, help="seconds before a read that cannot get its chunks fails with EIO")
     p.add_argument("--no-background-fetch", dest="background_fetch", action="store_false", help="fetch only what is read (and the prioritized files)")
+    p.add_argument("--registry-config", help="JSON file: mirrors, insecure_hosts, docker_config, ca_file (registry:// sources)")
+    p.add_argument("--fetch-slots-dir", help="directory of the host-wide fetch slots (shared by every layer process)")
+    p.add_argument("--fetch-slots", type=int, default=16, help="registry requests in flight at once, host-wide")
+    p.add_argument("--memory-limit-mib", type=int, help="RLIMIT_DATA of this process, MiB")
     p.add_argument("--no-allow-other", action="store_true", help="do not let other users read the mount")
     p.add_argument("--debug", action="store_true")
     return p
@@ -278,8 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")
     try:
+        if args.memory_limit_mib:
+            limit = args.memory_limit_mib << 20
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
         remote = RemoteOptions(cache_dir=args.cache_dir, blob_digest=args.blob_digest, background_fetch=args.background_fetch,
-                               fetch_deadline=args.fetch_deadline)
+                               fetch_deadline=args.fetch_deadline, registry_config=args.registry_config,
+                               fetch_slots_dir=args.fetch_slots_dir, fetch_slots=args.fetch_slots,
+                               memory_limit_mib=args.memory_limit_mib)
         layer = open_layer(args.source, toc_digest=args.toc_digest, remote=remote)
     except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
         log.error("cannot open %s: %s", args.source, exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .cache import ChunkCache
 from .fetcher import FetchConfig, RemoteChunks
+from .fetchslots import FetchSlots
 from .prefetch import PrefetchConfig, Prefetcher
 from .stargz.reader import StargzReader
 from .stargz.source import BlobSource
@@ -35,11 +36,12 @@ class RemoteLayer:
         toc_digest: str | None = None,
         fetch: FetchConfig = FetchConfig(),
         prefetch: PrefetchConfig | None = PrefetchConfig(),
+        slots: FetchSlots | None = None,
     ) -> RemoteLayer:
         """Read and check the TOC (``StargzReader.open``'s errors pass through);
         ``prefetch`` None: nothing is fetched before it is read."""
         reader = StargzReader.open(source, toc_digest=toc_digest)
-        store = RemoteChunks(source, blob_digest, cache, fetch)
+        store = RemoteChunks(source, blob_digest, cache, fetch, slots)
         prefetcher = Prefetcher(store, reader.toc, prefetch) if prefetch is not None else None
         return cls(reader, store, prefetcher)
 

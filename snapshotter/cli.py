@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -37,6 +38,29 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    """One JSON line per layer mount of a crfs root: its process's counters,
+    or why it does not answer."""
+    from lazyfs import mount  # noqa: PLC0415
+
+    try:
+        cfg = config.load(args.config, {"root": args.root})
+    except config.ConfigError as exc:
+        print(f"crfs status: {exc}", file=sys.stderr)
+        return 2
+    layers = cfg.root / "layers"
+    healthy = True
+    for path in sorted(layers.iterdir()) if layers.is_dir() else []:
+        line = {"layer": path.name.replace("-", ":", 1), "mountpoint": str(path)}
+        try:
+            line.update(mount.status(path, timeout=5.0))
+        except (mount.MountError, ValueError) as exc:
+            line["error"] = str(exc)
+            healthy = False
+        print(json.dumps(line), flush=True)
+    return 0 if healthy else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crfs", description="containerd remote snapshotter with lazy pulling")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML config file (see config/crfs.toml)")
     serve.add_argument("--log-level", choices=config.LOG_LEVELS)
     serve.set_defaults(func=_serve)
+    status = sub.add_parser("status", help="the lazily mounted layers of a crfs root, one JSON line each")
+    status.add_argument("--root", type=Path, help="state directory of the crfs serve to report on")
+    status.add_argument("--config", type=Path, help="TOML config file (for its root)")
+    status.set_defaults(func=_status)
     lazyfs_cli.register(sub)
     mount_cli.register(sub)
     rpull.register(sub)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
+
+from lazyfs.registry.config import RegistryConfig
+from lazyfs.registry.errors import ConfigError as RegistryConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNC_MODES = ("normal", "full")
@@ -57,6 +60,14 @@ class Config:
     # On SIGTERM, unmount every layer (else they keep serving running
     # containers and the next `crfs serve` adopts them).
     unmount_on_stop: bool = False
+    # Registry requests in flight at once, over every layer process.
+    max_concurrent_fetches: int = 16
+    # Cap (RLIMIT_DATA) on the memory of each layer process, in MiB; a
+    # process that reaches it fails its allocation and is restarted.
+    mount_memory_limit_mib: int = 1024
+    # [registry]: mirrors, insecure_hosts, docker_config, ca_file,
+    # connect_timeout, read_timeout (lazyfs.registry.config.RegistryConfig)
+    registry: dict = field(default_factory=dict)
 
     @classmethod
     def defaults(cls) -> "Config":
@@ -81,9 +92,16 @@ class Config:
                 value = Path(value)
                 if not value.is_absolute():
                     raise ConfigError(f"{source}: {name} must be an absolute path, not {str(value)!r}")
-            elif name == "grpc_workers":
+            elif name == "registry":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: [registry] must be a table")
+                try:
+                    RegistryConfig.from_dict(value, f"{source}: [registry]")
+                except RegistryConfigError as exc:
+                    raise ConfigError(str(exc)) from None
+            elif isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ConfigError(f"{source}: grpc_workers must be a positive integer")
+                    raise ConfigError(f"{source}: {name} must be a positive integer")
             elif isinstance(getattr(self, name), bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{source}: {name} must be true or false")

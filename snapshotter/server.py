@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import grp
+import json
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
 from lazyfs.layer_source import RemoteOptions
+from lazyfs.registry.config import RegistryConfig
 
 from .config import Config
 from .layers import LayerMounts
@@ -107,8 +109,19 @@ def _layer_mounts(cfg: Config, stack: ExitStack) -> Optional[LayerMounts]:
         return None
     supervisor = MountSupervisor(poll_interval=cfg.mount_check_interval, start_timeout=cfg.remote_mount_timeout)
     stack.callback(lambda: supervisor.close(unmount_all=cfg.unmount_on_stop))
-    remote = RemoteOptions(cache_dir=str(cfg.root / "cache"), background_fetch=cfg.background_fetch,
-                           fetch_deadline=cfg.fetch_deadline)
+    registry_config = None
+    if cfg.registry:
+        # the layer processes read it; written whole, then renamed
+        registry_config = cfg.root / "registry.json"
+        tmp = registry_config.with_suffix(".tmp")
+        tmp.write_text(json.dumps(RegistryConfig.from_dict(cfg.registry).to_dict()))
+        os.replace(tmp, registry_config)
+    remote = RemoteOptions(
+        cache_dir=str(cfg.root / "cache"), background_fetch=cfg.background_fetch, fetch_deadline=cfg.fetch_deadline,
+        registry_config=str(registry_config) if registry_config else None,
+        fetch_slots_dir=str(cfg.root / "fetch-slots"), fetch_slots=cfg.max_concurrent_fetches,
+        memory_limit_mib=cfg.mount_memory_limit_mib,
+    )
     return LayerMounts(cfg.root / "layers", supervisor, remote)
 
 

@@ -13,8 +13,11 @@ image tests go through it); the calls are the ones its metadata layer makes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
+import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -67,8 +70,6 @@ def gzip_layer() -> tuple[bytes, str]:
         info.size = 6
         tf.addfile(info, io.BytesIO(b"plain\n"))
     blob = gzip.compress(raw.getvalue())
-    import hashlib
-
     return blob, "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
@@ -283,6 +284,12 @@ def test_a_layer_is_mounted_once_and_shared_by_every_snapshot_on_it(env: Env) ->
     [b] = env.walk("chain-b", parent="base")
     assert _pid(env.mountpoint()) == pid
     assert len([line for line in mounts_under(env.crfs.root) if "layers" in line]) == 1
+    # `crfs status` reports it: one layer, its process, its counters
+    status = subprocess.run(["crfs", "status", "--root", str(env.crfs.root)], capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    [line] = [json.loads(x) for x in status.stdout.splitlines()]
+    assert (line["layer"], line["pid"], line["toc_digest"]) == (env.layer.digest, pid, env.layer.build.toc_digest)
+    assert line["store"]["fetch"]["bytes_fetched"] >= 0
     env.stub.Remove(pb.RemoveSnapshotRequest(key="chain-a"))
     assert mount.is_mounted(env.mountpoint()) and _pid(env.mountpoint()) == pid
     env.stub.Remove(pb.RemoveSnapshotRequest(key=b.name))
@@ -392,3 +399,58 @@ def test_a_private_registry_is_read_with_the_docker_config_credentials(tmp_path:
             finally:
                 client.channel.close()
                 _stop_layer_processes(crfs.root)
+
+
+def test_mirrors_fetch_cap_and_memory_cap_come_from_the_crfs_config(tmp_path: Path, layer: Layer, gzip_layer: tuple[bytes, str]) -> None:
+    dead = f"127.0.0.1:{_closed_port()}"
+    with Registry(tmp_path / "registry") as registry, FaultProxy(registry.host) as mirror:
+        with RegistryClient(client_config()) as rc:
+            rc.repository(f"{registry.host}/{REPO}").push_blob(layer.data, layer.digest)
+        config = tmp_path / "crfs.toml"
+        config.write_text(CONFIG + f"""
+max_concurrent_fetches = 3
+mount_memory_limit_mib = 300
+[registry.mirrors]
+"{dead}" = ["http://{mirror.host}"]
+""")
+        with CrfsServer(tmp_path / "root", tmp_path / "crfs.sock", ["--config", str(config)]) as crfs:
+            env = Env(crfs, connect(crfs), mirror, layer, gzip_layer[1])
+            try:
+                env.prepare_remote("k", "chain1", host=dead)  # the image names a registry that is down
+                assert mirror.requests(rf"^GET /v2/{REPO}/blobs/{layer.digest}")
+                pid = _pid(env.mountpoint())
+                limits = Path(f"/proc/{pid}/limits").read_text()
+                [data] = [line for line in limits.splitlines() if line.startswith("Max data size")]
+                assert data.split()[3:5] == [str(300 << 20), str(300 << 20)], data
+                assert sorted(os.listdir(crfs.root / "fetch-slots")) == ["slot-0", "slot-1", "slot-2"]
+                assert (env.mountpoint() / "etc/hello.txt").read_bytes() == FILES["etc/hello.txt"]
+            finally:
+                env.client.channel.close()
+                _stop_layer_processes(crfs.root)
+
+
+def test_a_bad_registry_section_is_a_clear_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "crfs.toml"
+    config.write_text('[registry]\nmirrors = { "docker.io" = "not-a-list" }\n')
+    proc = subprocess.run(["crfs", "serve", "--config", str(config), "--root", str(tmp_path / "r"),
+                           "--address", str(tmp_path / "s.sock")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "mirrors must map a registry name" in proc.stderr, proc.stderr
+
+
+def test_a_stale_layer_mount_found_at_start_is_cleared_and_mounted_again(env: Env, tmp_path: Path) -> None:
+    """crfs and the layer process both killed: the mount is left without a
+    server (ECONNABORTED, then ENOTCONN); the next crfs clears it and serves the layer again."""
+    env.prepare_remote("k", "chain1")
+    pid = _pid(env.mountpoint())
+    env.crfs.kill()
+    os.kill(pid, signal.SIGKILL)
+    assert _wait(lambda: not mount.is_alive(pid))
+    with pytest.raises(OSError) as err:
+        os.listdir(env.mountpoint())
+    assert err.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)  # no server
+    env.restart()
+    assert _pid(env.mountpoint()) != pid
+    resp = env.stub.Prepare(pb.PrepareSnapshotRequest(key="ctr", parent="chain1"))
+    with _fuse_overlay(resp.mounts, tmp_path / "rootfs") as rootfs:
+        assert (rootfs / "etc/hello.txt").read_bytes() == FILES["etc/hello.txt"]
+    assert len([line for line in mounts_under(env.crfs.root) if "layers" in line]) == 1

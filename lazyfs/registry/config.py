@@ -93,6 +93,53 @@ class RegistryConfig:
         for registry in self.mirrors:
             self.mirror_endpoints(registry)  # validate early: a bad mirror is a config error
 
+    # what a config file may set (``from_dict``); the rest are tuning knobs
+    FILE_KEYS = ("insecure_hosts", "mirrors", "ca_file", "docker_config", "connect_timeout", "read_timeout")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object], source: str = "registry config") -> "RegistryConfig":
+        """A config from a parsed file section (TOML or JSON); ConfigError
+        names the bad key."""
+        unknown = sorted(set(values) - set(cls.FILE_KEYS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)} (known: {', '.join(cls.FILE_KEYS)})")
+        kw: dict[str, object] = {}
+        hosts = values.get("insecure_hosts", [])
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise ConfigError(f"{source}: insecure_hosts must be a list of host[:port] strings")
+        kw["insecure_hosts"] = frozenset(hosts)
+        mirrors = values.get("mirrors", {})
+        if not isinstance(mirrors, Mapping) or not all(
+            isinstance(m, list) and all(isinstance(x, str) for x in m) for m in mirrors.values()
+        ):
+            raise ConfigError(f"{source}: mirrors must map a registry name to a list of mirror hosts or URLs")
+        kw["mirrors"] = {str(k): list(v) for k, v in mirrors.items()}
+        for key in ("ca_file", "docker_config"):
+            if key in values:
+                if not isinstance(values[key], str) or not Path(str(values[key])).is_absolute():
+                    raise ConfigError(f"{source}: {key} must be an absolute path")
+                kw[key] = Path(str(values[key]))
+        for key in ("connect_timeout", "read_timeout"):
+            if key in values:
+                if isinstance(values[key], bool) or not isinstance(values[key], (int, float)):
+                    raise ConfigError(f"{source}: {key} must be a number of seconds")
+                kw[key] = float(values[key])  # type: ignore[arg-type]
+        return cls(**kw)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        """The ``from_dict`` keys, JSON-ready (to hand to another process)."""
+        out: dict[str, object] = {
+            "insecure_hosts": sorted(self.insecure_hosts),
+            "mirrors": {k: list(v) for k, v in self.mirrors.items()},
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+        }
+        if self.ca_file is not None:
+            out["ca_file"] = str(self.ca_file)
+        if self.docker_config is not None:
+            out["docker_config"] = str(self.docker_config)
+        return out
+
     def plain_http_allowed(self, host: str) -> bool:
         host = host.lower()
         return is_loopback(host) or host in self.insecure_hosts or split_host(host)[0] in self.insecure_hosts
