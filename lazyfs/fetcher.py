@@ -144,6 +144,7 @@ class RemoteChunks:
         self._lock = threading.Lock()
         self._inflight: dict[ChunkKey, Future[bytes]] = {}
         self._reads = 0  # foreground get_many calls waiting on fetches
+        self._last_read = time.monotonic()  # when a foreground get_many last ended
         self._idle = threading.Condition(self._lock)
         self._pool = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="lazyfs-fetch")
         self._closed = False
@@ -177,6 +178,11 @@ class RemoteChunks:
 
     def is_local(self, chunk: ChunkRef) -> bool:
         return self.cache is not None and self.cache.contains(self.blob_digest, chunk)
+
+    def idle_seconds(self) -> float:
+        """Seconds since a foreground read last fetched (0 while one does)."""
+        with self._lock:
+            return 0.0 if self._reads else time.monotonic() - self._last_read
 
     def wait_for_no_reads(self, timeout: float | None = None) -> bool:
         """Block while foreground reads are fetching; False on timeout."""
@@ -213,6 +219,7 @@ class RemoteChunks:
         finally:
             with self._idle:
                 self._reads -= 1
+                self._last_read = time.monotonic()
                 if self._reads == 0:
                     self._idle.notify_all()
 

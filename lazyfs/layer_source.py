@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,10 @@ class RemoteOptions:
     # the prioritized files are always fetched at mount; then, unless this
     # is off, the rest of the layer at low priority
     background_fetch: bool = True
+    # it starts this many seconds after the mount, and each of its requests
+    # waits until reads have not fetched for background_idle seconds
+    background_delay: float = 2.0
+    background_idle: float = 0.5
     # a read that cannot get its chunks within this many seconds fails with
     # EIO; registry requests are bounded by it too
     fetch_deadline: float = 60.0
@@ -50,6 +55,8 @@ class RemoteOptions:
     fetch_slots: int = 16
     # RLIMIT_DATA of the mount process, MiB (None: unlimited)
     memory_limit_mib: int | None = None
+    # record which files are read, in order (status "accessed"; crfs optimize)
+    record_access: bool = False
 
 
 @dataclass
@@ -136,10 +143,17 @@ def _open_remote(
         closers.append(blob.close)
     try:
         cache = ChunkCache(options.cache_dir) if options.cache_dir and blob_digest else None
-        slots = FetchSlots(options.fetch_slots_dir, options.fetch_slots) if options.fetch_slots_dir else None
+        slots = background_slots = None
+        if options.fetch_slots_dir:
+            # every request takes one of fetch_slots host-wide; background
+            # requests also the single background slot: one layer at a time
+            slots = FetchSlots(options.fetch_slots_dir, options.fetch_slots)
+            background_slots = FetchSlots(os.path.join(options.fetch_slots_dir, "background"), 1)
+        prefetch = PrefetchConfig(background=options.background_fetch, start_delay=options.background_delay,
+                                  idle=options.background_idle)
         remote = RemoteLayer.open(blob, blob_digest or "", cache, toc_digest=toc_digest,
                                   fetch=FetchConfig(deadline=options.fetch_deadline), slots=slots,
-                                  prefetch=PrefetchConfig(background=options.background_fetch))
+                                  background_slots=background_slots, prefetch=prefetch)
         closers.append(remote.close)
         remote.reader.release_toc_json()  # a mount serves the parsed TOC only
         remote.start()

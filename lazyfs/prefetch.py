@@ -5,12 +5,16 @@ The prioritized files are everything before the ``.prefetch.landmark`` entry
 (the writer puts them first, so their chunks are one contiguous byte range):
 they are fetched in one request as soon as the mount starts. The background
 pass then walks the rest of the blob in modest ranges, paced by a token
-bucket and yielding to reads: it waits while any read is fetching, so it
-never makes a container's first read slower than it has to be.
+bucket and yielding to reads: it starts ``start_delay`` seconds after the
+mount, sends a request only when no read has fetched for ``idle`` seconds,
+and with ``slots`` (one slot, shared by every layer process of the host)
+only one layer's background request is on the wire at a time, so it never
+makes a container's start-up reads wait behind bulk transfers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,6 +23,7 @@ from typing import Callable
 
 from .chunks import ChunkUnavailable
 from .fetcher import ChunkKey, RemoteChunks, chunk_key, plan_spans
+from .fetchslots import FetchSlots, NoFetchSlot
 from .stargz.toc import ChunkRef, EntryType, Toc
 
 log = logging.getLogger(__name__)
@@ -30,7 +35,9 @@ class PrefetchConfig:
     ``rate``/``burst``: the background bandwidth (bytes/s) and bucket size.
     ``span``: bytes per background request. ``passes``: how many times the
     background walk retries chunks that failed. ``retry_delay``: the pause
-    after a failed background request."""
+    after a failed background request. ``start_delay``: seconds after
+    ``start()`` before the background walk begins. ``idle``: seconds without a
+    foreground fetch before each background request."""
 
     background: bool = True
     rate: float = 16 << 20
@@ -39,6 +46,8 @@ class PrefetchConfig:
     gap: int = 32 << 10
     passes: int = 3
     retry_delay: float = 2.0
+    start_delay: float = 0.0
+    idle: float = 0.0
 
 
 class TokenBucket:
@@ -88,9 +97,12 @@ def prioritized_chunks(toc: Toc) -> list[ChunkRef]:
 class Prefetcher:
     """``start()`` at mount, ``progress()`` for the status query, ``stop()`` at unmount."""
 
-    def __init__(self, remote: RemoteChunks, toc: Toc, config: PrefetchConfig = PrefetchConfig()) -> None:
+    def __init__(
+        self, remote: RemoteChunks, toc: Toc, config: PrefetchConfig = PrefetchConfig(), slots: FetchSlots | None = None,
+    ) -> None:
         self.remote = remote
         self.config = config
+        self.slots = slots  # the host-wide background slot(s), if any
         self._chunks = layer_chunks(toc)
         self._priority = prioritized_chunks(toc)
         self._total = sum(c.size for c in self._chunks)
@@ -166,6 +178,8 @@ class Prefetcher:
         self._mark_local(self._priority)
 
     def _background(self) -> None:
+        if self._stop.wait(self.config.start_delay):
+            return
         bucket = TokenBucket(self.config.rate, self.config.burst)
         for _ in range(self.config.passes):
             missing = self._missing()
@@ -175,8 +189,9 @@ class Prefetcher:
                 if not self._wait_for_no_reads() or not bucket.take(span.length, self._stop):
                     return
                 try:
-                    self.remote.fetch(span.chunks, max_span=None)
-                except ChunkUnavailable as exc:
+                    with self.slots.held(self.remote.config.deadline) if self.slots else contextlib.nullcontext():
+                        self.remote.fetch(span.chunks, max_span=None)
+                except (ChunkUnavailable, NoFetchSlot) as exc:
                     log.warning("background prefetch of %d+%d failed: %s", span.offset, span.length, exc)
                     self._count_failure()
                     if self._stop.wait(self.config.retry_delay):
@@ -196,9 +211,14 @@ class Prefetcher:
         return missing
 
     def _wait_for_no_reads(self) -> bool:
+        """Until no read is fetching and none has for ``idle`` seconds;
+        False if stopped meanwhile."""
         while not self._stop.is_set():
             if self.remote.wait_for_no_reads(timeout=0.2):
-                return True
+                quiet = self.remote.idle_seconds()
+                if quiet >= self.config.idle:
+                    return True
+                self._stop.wait(self.config.idle - quiet)
         return False
 
     def _mark_local(self, chunks: tuple[ChunkRef, ...] | list[ChunkRef]) -> None:

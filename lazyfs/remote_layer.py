@@ -37,12 +37,13 @@ class RemoteLayer:
         fetch: FetchConfig = FetchConfig(),
         prefetch: PrefetchConfig | None = PrefetchConfig(),
         slots: FetchSlots | None = None,
+        background_slots: FetchSlots | None = None,
     ) -> RemoteLayer:
         """Read and check the TOC (``StargzReader.open``'s errors pass through);
         ``prefetch`` None: nothing is fetched before it is read."""
         reader = StargzReader.open(source, toc_digest=toc_digest)
         store = RemoteChunks(source, blob_digest, cache, fetch, slots)
-        prefetcher = Prefetcher(store, reader.toc, prefetch) if prefetch is not None else None
+        prefetcher = Prefetcher(store, reader.toc, prefetch, background_slots) if prefetch is not None else None
         return cls(reader, store, prefetcher)
 
     def start(self) -> None:

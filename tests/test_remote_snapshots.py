@@ -422,7 +422,7 @@ mount_memory_limit_mib = 300
                 limits = Path(f"/proc/{pid}/limits").read_text()
                 [data] = [line for line in limits.splitlines() if line.startswith("Max data size")]
                 assert data.split()[3:5] == [str(300 << 20), str(300 << 20)], data
-                assert sorted(os.listdir(crfs.root / "fetch-slots")) == ["slot-0", "slot-1", "slot-2"]
+                assert sorted(os.listdir(crfs.root / "fetch-slots")) == ["background", "slot-0", "slot-1", "slot-2"]
                 assert (env.mountpoint() / "etc/hello.txt").read_bytes() == FILES["etc/hello.txt"]
             finally:
                 env.client.channel.close()

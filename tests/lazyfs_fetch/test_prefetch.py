@@ -153,3 +153,24 @@ def test_remote_layer_wires_reader_store_and_prefetch(remote: Remote, tmp_path: 
     assert status["prefetch"]["percent"] == 100.0  # type: ignore[index]
     assert status["fetch"]["digest_failures"] == 0  # type: ignore[index]
     assert status["cache"]["stored"] == len(layer_chunks(toc))  # type: ignore[index]
+
+
+def test_background_waits_for_its_start_delay_and_for_quiet_reads(layer: Layer, tmp_path: Path) -> None:
+    """Start-up reads never queue behind bulk transfers: the walk begins
+    ``start_delay`` after start and goes only when reads have been quiet for
+    ``idle`` seconds."""
+    reader = StargzReader.open(BytesSource(layer.data))
+    config = PrefetchConfig(rate=200 << 20, burst=4 << 20, span=256 << 10, start_delay=0.6, idle=0.4)
+    with RemoteChunks(BytesSource(layer.data), layer.digest, ChunkCache(tmp_path)) as store:
+        prefetch = Prefetcher(store, reader.toc, config)
+        started = time.monotonic()
+        prefetch.start()
+        big = reader.toc.chunks_for_range(BIG, 0, 1)
+        # a read every 0.1 s for 1.2 s: never 0.4 s of quiet
+        while time.monotonic() - started < 1.2:
+            store.get_many(big)
+            time.sleep(0.1)
+        progress = prefetch.progress()
+        assert progress["state"] == "background" and progress["local_bytes"] <= sum(c.size for c in prioritized_chunks(reader.toc)) + big[0].size
+        assert prefetch.wait_done(30)
+        assert prefetch.progress()["percent"] == 100.0
