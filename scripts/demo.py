@@ -113,17 +113,7 @@ class Counter:
         return sum(d.size for d in manifest.layers)
 
     def served(self) -> int:
-        total = 0
-        for seen in self.proxy.requests(r"^GET /v2/.*/blobs/"):
-            digest = seen.path.rsplit("/", 1)[-1]
-            ranges = seen.headers.get("Range", "")
-            if not ranges:
-                total += self.blob_sizes.get(digest, 0)
-                continue
-            for part in ranges.removeprefix("bytes=").split(","):
-                start, _, end = part.partition("-")
-                total += int(end) - int(start) + 1
-        return total
+        return self.proxy.blob_bytes(self.blob_sizes)
 
 
 def run_until_first_line(argv: list[str], on_first_line, what: str) -> str:

@@ -82,17 +82,7 @@ class Lazy:
 
     def blob_bytes(self) -> int:
         """Bytes of blobs the registry served through the proxy so far."""
-        total = 0
-        for seen in self.proxy.requests(r"^GET /v2/.*/blobs/"):
-            digest = seen.path.rsplit("/", 1)[-1]
-            ranges = seen.headers.get("Range", "")
-            if not ranges:
-                total += self.blob_sizes.get(digest, 0)
-                continue
-            for part in ranges.removeprefix("bytes=").split(","):
-                start, _, end = part.partition("-")
-                total += int(end) - int(start) + 1
-        return total
+        return self.proxy.blob_bytes(self.blob_sizes)
 
     def layer_pids(self) -> dict[str, int]:
         layers = self.crfs.root / "layers"

@@ -86,6 +86,22 @@ class FaultProxy:
         with self._lock:
             return [s for s in self.seen if re.search(pattern, f"{s.method} {s.path}")]
 
+    def blob_bytes(self, sizes: Mapping[str, int], digest: str = "") -> int:
+        """Blob bytes served so far (of ``digest`` only, if given): a GET's
+        ``Range`` counts its ranges, a GET without one the blob's size from
+        ``sizes`` (digest -> size)."""
+        total = 0
+        for seen in self.requests(rf"^GET /v2/.*/blobs/{re.escape(digest)}"):
+            blob = seen.path.rsplit("/", 1)[-1]
+            ranges = seen.headers.get("Range", "")
+            if not ranges:
+                total += sizes.get(blob, 0)
+                continue
+            for part in ranges.removeprefix("bytes=").split(","):
+                start, _, end = part.partition("-")
+                total += int(end) - int(start) + 1
+        return total
+
     def _take(self, line: str) -> Optional[Fault]:
         with self._lock:
             for f in self.faults:
