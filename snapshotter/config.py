@@ -55,6 +55,10 @@ class Config:
     background_fetch: bool = True
     # Seconds a read may wait for its chunks before it fails with EIO.
     fetch_deadline: float = 30.0
+    # A Prepare names the image's next layers too (cri.image-layers): crfs
+    # starts mounting them at once, in parallel, and keeps each such early
+    # mount this many seconds for its own Prepare before letting it go.
+    premount_hold: float = 60.0
     # Seconds between health checks of the layer mount processes.
     mount_check_interval: float = 1.0
     # On SIGTERM, unmount every layer (else they keep serving running

@@ -32,7 +32,10 @@ class LayerUnavailable(Exception):
 
 
 class LayerMounts:
-    def __init__(self, root: Path, supervisor: MountSupervisor, remote: RemoteOptions) -> None:
+    def __init__(
+        self, root: Path, supervisor: MountSupervisor, remote: RemoteOptions, *,
+        premount_parallel: int = 4, premount_hold: float = 60.0, premount_wait: float = 30.0,
+    ) -> None:
         self.root = root
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._supervisor = supervisor
@@ -40,12 +43,32 @@ class LayerMounts:
         # layers of stored snapshots that could not be mounted again at start
         self._pending: dict[str, tuple[RemoteLayer, int]] = {}
         self._pending_lock = threading.Lock()
+        # layers mounted ahead of their Prepare (premount): set when mounted
+        self._premounts: dict[str, threading.Event] = {}
+        self._premount_lock = threading.Lock()
+        self._premount_timers: dict[str, threading.Timer] = {}
+        self._premount_slots = threading.BoundedSemaphore(premount_parallel)
+        self._premount_hold = premount_hold
+        self._premount_wait = premount_wait
 
     def mountpoint(self, digest: str) -> Path:
         return self.root / digest.replace(":", "-")
 
     def acquire(self, layer: RemoteLayer) -> Path:
-        """Mount ``layer`` (or share its mount): +1 reference."""
+        """Mount ``layer`` (or share its mount): +1 reference. A mount started
+        early by ``premount`` is used once its TOC is the one asked for."""
+        with self._premount_lock:
+            early = self._premounts.get(layer.digest)
+        if early is not None:
+            early.wait(self._premount_wait)
+        mountpoint = self._mount(layer)
+        if early is not None:
+            if layer.toc_digest:
+                self._check_toc(layer, mountpoint)
+            self._claim_premount(layer.digest)
+        return mountpoint
+
+    def _mount(self, layer: RemoteLayer) -> Path:
         mountpoint = self.mountpoint(layer.digest)
         mountpoint.mkdir(mode=0o755, exist_ok=True)
         try:
@@ -54,6 +77,59 @@ class LayerMounts:
             self._remove_dir(layer.digest)
             raise LayerUnavailable(str(exc)) from None
         return mountpoint
+
+    def _check_toc(self, layer: RemoteLayer, mountpoint: Path) -> None:
+        """A premounted layer was opened without its TOC digest: it serves
+        this layer only if its TOC is the one the manifest names."""
+        try:
+            status = mount.status(mountpoint, timeout=5.0)
+            served = status.get("toc_digest") if status.get("toc_verifiable") else "one without chunk digests"
+        except (mount.MountError, ValueError) as exc:
+            served = f"unknown ({exc})"
+        if served != layer.toc_digest:
+            self.release(layer.digest)
+            raise LayerUnavailable(f"layer {layer.digest}: TOC digest {served}, the image says {layer.toc_digest}")
+        self._supervisor.pin_toc_digest(layer.digest, layer.toc_digest)
+
+    def premount(self, layers: Iterable[RemoteLayer]) -> None:
+        """Start mounting an image's next layers now, in parallel, so that
+        their own Prepare finds them ready (containerd prepares layers one by
+        one). Each early mount holds a reference for ``premount_hold``
+        seconds; a layer nobody claims by then is unmounted again."""
+        for layer in layers:
+            with self._premount_lock:
+                if layer.digest in self._premounts or self._supervisor.holds(layer.digest):
+                    continue
+                done = self._premounts[layer.digest] = threading.Event()
+            threading.Thread(target=self._premount, args=(layer, done), name="crfs-premount", daemon=True).start()
+
+    def _premount(self, layer: RemoteLayer, done: threading.Event) -> None:
+        try:
+            with self._premount_slots:
+                self._mount(RemoteLayer(layer.digest, layer.source))  # no TOC digest yet: checked on claim
+        except LayerUnavailable as exc:
+            log.info("premounting layer %s failed (its Prepare will try again): %s", layer.digest, exc)
+            with self._premount_lock:
+                self._premounts.pop(layer.digest, None)
+            done.set()
+            return
+        timer = threading.Timer(self._premount_hold, self._claim_premount, (layer.digest,))
+        timer.daemon = True
+        with self._premount_lock:
+            self._premount_timers[layer.digest] = timer
+        done.set()
+        timer.start()
+
+    def _claim_premount(self, digest: str) -> None:
+        """Drops an early mount's own reference: once its Prepare holds one
+        (claimed), or when nobody did in time (then the layer is unmounted)."""
+        with self._premount_lock:
+            self._premounts.pop(digest, None)
+            timer = self._premount_timers.pop(digest, None)
+        if timer is None:
+            return  # claimed or expired already
+        timer.cancel()
+        self.release(digest)
 
     def release(self, digest: str) -> None:
         """-1 reference; the last one unmounts the layer and removes its dir."""

@@ -21,6 +21,8 @@ from .store import REF_LABEL, RemoteLayer
 
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
+# this layer and the image's next ones: "for preparing layers in parallel"
+IMAGE_LAYERS_LABEL = "containerd.io/snapshot/cri.image-layers"
 TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
 # set on the snapshots crfs commits itself (the stargz-snapshotter's name)
 REMOTE_LABEL = "containerd.io/snapshot/remote"
@@ -33,6 +35,8 @@ class LayerRequest:
 
     target: str  # the committed snapshot containerd wants
     layer: RemoteLayer
+    # the image's next layers (TOC digests unknown until their own Prepare)
+    upcoming: tuple[RemoteLayer, ...] = ()
 
 
 def _is_digest(text: str) -> bool:
@@ -57,5 +61,8 @@ def layer_request(labels: Mapping[str, str]) -> Optional[LayerRequest]:
         # Without the TOC digest from the (content-addressed) manifest, the
         # chunk digests in the TOC could not be trusted: download instead.
         return None
-    source = f"{REGISTRY_SCHEME}{ref.registry}/{ref.repository}@{digest}"
-    return LayerRequest(target, RemoteLayer(digest, source, toc))
+    repo = f"{REGISTRY_SCHEME}{ref.registry}/{ref.repository}"
+    upcoming = tuple(
+        RemoteLayer(d, f"{repo}@{d}") for d in labels.get(IMAGE_LAYERS_LABEL, "").split(",") if _is_digest(d) and d != digest
+    )
+    return LayerRequest(target, RemoteLayer(digest, f"{repo}@{digest}", toc), upcoming)

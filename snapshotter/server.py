@@ -122,7 +122,7 @@ def _layer_mounts(cfg: Config, stack: ExitStack) -> Optional[LayerMounts]:
         fetch_slots_dir=str(cfg.root / "fetch-slots"), fetch_slots=cfg.max_concurrent_fetches,
         memory_limit_mib=cfg.mount_memory_limit_mib,
     )
-    return LayerMounts(cfg.root / "layers", supervisor, remote)
+    return LayerMounts(cfg.root / "layers", supervisor, remote, premount_hold=cfg.premount_hold)
 
 
 def serve(cfg: Config) -> None:

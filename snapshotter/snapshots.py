@@ -145,6 +145,7 @@ class Snapshotter:
         if existing is not None:
             raise AlreadyExists(f"target snapshot {request.target!r} already exists as {existing!r}")
         assert self._layers is not None
+        self._layers.premount(request.upcoming)
         try:
             self._layers.acquire(request.layer)
         except LayerUnavailable as exc:

@@ -187,6 +187,14 @@ class MountSupervisor:
             m = self._mounts.get(layer_digest)
             return m is not None and not m.closing
 
+    def pin_toc_digest(self, layer_digest: str, toc_digest: str) -> None:
+        """Record the TOC digest a layer mounted without one turned out to
+        have (checked by the caller), so that restarts verify it too."""
+        with self._lock:
+            m = self._mounts.get(layer_digest)
+            if m is not None and m.toc_digest is None:
+                m.toc_digest = toc_digest
+
     def discard(self, mountpoint: str | os.PathLike[str]) -> None:
         """Unmount a layer mount nobody holds (left by a crash) and end its
         process; the mountpoint must not be one this supervisor serves."""

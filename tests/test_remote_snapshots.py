@@ -447,3 +447,47 @@ def test_a_stale_layer_mount_found_at_start_is_cleared_and_mounted_again(env: En
     with _fuse_overlay(resp.mounts, tmp_path / "rootfs") as rootfs:
         assert (rootfs / "etc/hello.txt").read_bytes() == FILES["etc/hello.txt"]
     assert len([line for line in mounts_under(env.crfs.root) if "layers" in line]) == 1
+
+
+def test_the_images_next_layers_are_mounted_ahead_and_claimed_by_their_own_prepare(tmp_path: Path, layer: Layer, gzip_layer: tuple[bytes, str]) -> None:
+    """cri.image-layers names the layers after this one: crfs mounts them in
+    parallel at once; their own Prepare (TOC digest checked) takes the early
+    mount over, and one never claimed is let go after premount_hold."""
+    (tmp_path / "second").mkdir()
+    (tmp_path / "third").mkdir()
+    second = build_layer(tmp_path / "second", {"srv/app.txt": b"second layer\n"})
+    third = build_layer(tmp_path / "third", {"srv/other.txt": b"third layer\n"})
+    config = tmp_path / "crfs.toml"
+    config.write_text(CONFIG + "premount_hold = 3.0\n")
+    with Registry(tmp_path / "registry") as registry, FaultProxy(registry.host) as proxy:
+        with RegistryClient(client_config()) as rc:
+            for blob in (layer, second, third):
+                rc.repository(f"{registry.host}/{REPO}").push_blob(blob.data, blob.digest)
+        with CrfsServer(tmp_path / "root", tmp_path / "crfs.sock", ["--config", str(config)]) as crfs:
+            env = Env(crfs, connect(crfs), proxy, layer, gzip_layer[1])
+            layers = crfs.root / "layers"
+            try:
+                labels = {**env.labels("c1"), "containerd.io/snapshot/cri.image-layers": f"{layer.digest},{second.digest},{third.digest}"}
+                with pytest.raises(grpc.RpcError):
+                    env.stub.Prepare(pb.PrepareSnapshotRequest(key="k1", labels=labels))
+                early = [layers / b.digest.replace(":", "-") for b in (second, third)]
+                assert _wait(lambda: all(mount.is_mounted(p) for p in early), 15)
+                pid = _pid(early[0])
+                # the second layer's own Prepare uses the early mount
+                labels2 = {**env.labels("c2"), "containerd.io/snapshot/cri.layer-digest": second.digest,
+                           "containerd.io/snapshot/stargz/toc.digest": second.build.toc_digest}
+                with pytest.raises(grpc.RpcError) as err:
+                    env.stub.Prepare(pb.PrepareSnapshotRequest(key="k2", parent="c1", labels=labels2))
+                assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                assert _pid(early[0]) == pid
+                # the third with a TOC digest the early mount does not have: not served from it
+                labels3 = {**env.labels("c3"), "containerd.io/snapshot/cri.layer-digest": third.digest,
+                           "containerd.io/snapshot/stargz/toc.digest": second.build.toc_digest}
+                resp = env.stub.Prepare(pb.PrepareSnapshotRequest(key="k3", parent="c2", labels=labels3))
+                assert [m.type for m in resp.mounts] == ["fuse3.fuse-overlayfs"]  # an ordinary snapshot
+                # after premount_hold: the claimed layer stays, the unclaimed one goes
+                assert _wait(lambda: not early[1].exists(), 15)
+                assert mount.is_mounted(early[0]) and _pid(early[0]) == pid
+            finally:
+                env.client.channel.close()
+                _stop_layer_processes(crfs.root)
