@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from lazyfs.privilege import is_host_root
 from lazyfs.registry.config import RegistryConfig
 from lazyfs.registry.errors import ConfigError as RegistryConfigError
 
@@ -30,7 +31,7 @@ def _xdg(var: str, fallback: str) -> Path:
 
 
 def default_config_path() -> Path:
-    if os.geteuid() == 0:
+    if is_host_root():
         return Path("/etc/containerd-crfs/config.toml")
     return _xdg("XDG_CONFIG_HOME", ".config") / "containerd-crfs" / "config.toml"
 
@@ -75,7 +76,7 @@ class Config:
 
     @classmethod
     def defaults(cls) -> "Config":
-        if os.geteuid() == 0:
+        if is_host_root():
             return cls(root=Path("/var/lib/containerd-crfs"), address=Path("/run/containerd-crfs/containerd-crfs-grpc.sock"))
         runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
         return cls(

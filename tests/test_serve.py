@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import grp
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -104,6 +106,24 @@ def test_default_paths_follow_conventions(monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.local/share")
     user = Config.defaults()
     assert (str(user.root), str(user.address)) == ("/home/u/.local/share/containerd-crfs", "/run/user/1000/containerd-crfs/containerd-crfs-grpc.sock")
+
+
+def test_root_of_a_user_namespace_gets_the_unprivileged_defaults(tmp_path):
+    """Under RootlessKit or `unshare -Ur` the user is uid 0 but owns none of
+    root's directories: crfs and its layer mounts use the XDG paths."""
+    probe = (
+        "import os, json; from snapshotter.config import Config; from lazyfs import mount; c = Config.defaults(); "
+        "print(json.dumps([os.geteuid(), str(c.root), str(c.address), str(mount.state_dir())]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CRFS_LAZYFS_STATE"}
+    env.update(XDG_RUNTIME_DIR=str(tmp_path / "run"), XDG_DATA_HOME=str(tmp_path / "data"))
+    out = subprocess.run(["unshare", "-Ur", sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    uid, root, address, state = json.loads(out.stdout)
+    assert uid == 0
+    assert root == f"{tmp_path}/data/containerd-crfs"
+    assert address == f"{tmp_path}/run/containerd-crfs/containerd-crfs-grpc.sock"
+    assert state == f"{tmp_path}/run/crfs/lazyfs"
 
 
 def test_a_version_1_store_is_migrated_in_place(tmp_path):
