@@ -247,18 +247,26 @@ def test_crfs_mount_under_unshare(refs: dict[str, str]) -> None:
 
 
 def test_slirp4netns_pull_and_run(registry: Registry, refs: dict[str, str]) -> None:
-    """With its own network namespace, the host's 127.0.0.1 is 10.0.2.2."""
-    with RootlessUser() as u, RootlessStack(u, net="slirp4netns") as s:
-        ref = refs["plain"].replace("127.0.0.1:", "10.0.2.2:", 1)
-        s.ctr("images", "pull", "--plain-http", "--snapshotter", "crfs", ref, timeout=300)
-        assert run_probe(s, ref, "rl-slirp") == EXPECTED
-        # the eStargz image too; its layers are fetched (crfs's layer mounts
-        # allow plain HTTP to loopback only: 10.0.2.2 is not), but it runs
-        esgz = refs["esgz"].replace("127.0.0.1:", "10.0.2.2:", 1)
-        s.nsenter("crfs", "rpull", "--plain-http", esgz, timeout=300)
-        assert run_probe(s, esgz, "rl-slirp-esgz") == EXPECTED
-        assert s.stop().returncode == 0
-        s.started = False
+    """With its own network namespace, the host's 127.0.0.1 is 10.0.2.2;
+    the eStargz image is still pulled lazily once crfs's config allows plain
+    HTTP to it."""
+    with RootlessUser() as u:
+        # crfs's layer mounts use plain HTTP only for loopback and the
+        # insecure_hosts of its config: 10.0.2.2 is the host, not loopback
+        config = u.home / ".config" / "containerd-crfs" / "config.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text('[registry]\ninsecure_hosts = ["10.0.2.2"]\n')
+        subprocess.run(["chown", "-R", f"{u.name}:{u.name}", str(u.home / ".config")], check=True)
+        with RootlessStack(u, net="slirp4netns") as s:
+            ref = refs["plain"].replace("127.0.0.1:", "10.0.2.2:", 1)
+            s.ctr("images", "pull", "--plain-http", "--snapshotter", "crfs", ref, timeout=300)
+            assert run_probe(s, ref, "rl-slirp") == EXPECTED
+            esgz = refs["esgz"].replace("127.0.0.1:", "10.0.2.2:", 1)
+            out = s.nsenter("crfs", "rpull", "--plain-http", esgz, timeout=300)
+            assert len(re.findall(r"(?m)^layer \d+/\d+ \S+ lazy$", out.stderr)) == 3, out.stderr
+            assert run_probe(s, esgz, "rl-slirp-esgz") == EXPECTED
+            assert s.stop().returncode == 0
+            s.started = False
         assert u.processes() == []
 
 
