@@ -77,13 +77,22 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of ``pid`` in KiB."""
+    """VmRSS / VmHWM of ``pid`` in KiB, and from smaps_rollup its Pss and
+    Private (clean + dirty) KiB: VmRSS also counts the shared libraries' and
+    interpreter's pages that every mount process shares."""
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(rest.split()[0])
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key == "Pss":
+                out["Pss"] = int(rest.split()[0])
+            elif key in ("Private_Clean", "Private_Dirty"):
+                out["Private"] = out.get("Private", 0) + int(rest.split()[0])
     return out
 
 
@@ -323,6 +332,9 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
                     st = proc_status(pid)
                     res.add("rss_after_storm_kib", st["VmRSS"])
                     res.add("hwm_after_storm_kib", st["VmHWM"])
+                    if "Pss" in st:
+                        res.add("pss_after_storm_kib", st["Pss"])
+                        res.add("private_after_storm_kib", st["Private"])
                     # python imports on a mount that has seen the storm: metadata warm, data cold
                     res.add("py_meta_warm_data_cold_lazy", timed(lambda: run_python(root)))
                     st = proc_status(pid)
@@ -348,6 +360,22 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
                 with mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / f"cache-py-{rep}"):
                     res.add("py_coldcache_lazy", timed(lambda: run_python(root)))
                 shutil.rmtree(work / f"cache-py-{rep}", ignore_errors=True)
+
+            if side == "lazy" and args.compare_open:
+                # the same layer with every OPEN/OPENDIR answered (what a stock pyfuse3 gets)
+                os.environ["CRFS_LAZYFS_NO_OPEN"] = "0"
+                try:
+                    drop_caches()
+                    with mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / f"cache-open-{rep}"):
+                        run_find(root)
+                        res.add("find_warm_lazyopen", timed(lambda: run_find(root)))
+                        res.add("lstat_warm_lazyopen", timed(lambda: lstat_all(root, rels)))
+                        run_python(root)
+                        for _ in range(3):
+                            res.add("py_warm_lazyopen", timed(lambda: run_python(root)))
+                finally:
+                    del os.environ["CRFS_LAZYFS_NO_OPEN"]
+                shutil.rmtree(work / f"cache-open-{rep}", ignore_errors=True)
 
             # the big file
             drop_caches()
@@ -419,6 +447,10 @@ def report(args: argparse.Namespace, res: Results, info: dict[str, object]) -> N
     row("python3.11 start + imports, cold (lazyfs: fresh cache, from registry)", "s", "py_cold_plain", "py_cold_lazy")
     row("python3.11 start + imports, cold from local cache (new mount)", "s", "py_cold_plain", "py_coldcache_lazy")
     row("python3.11 start + imports, warm", "s", "py_warm_plain", "py_warm_lazy", target="≤ 1.2x", limit=1.2)
+    if args.compare_open:
+        row("find, warm; lazyfs answering every open (CRFS_LAZYFS_NO_OPEN=0)", "s", "find_warm_plain", "find_warm_lazyopen")
+        row("lstat every path, warm; lazyfs answering every open", "s", "lstat_warm_plain", "lstat_warm_lazyopen")
+        row("python3.11 start + imports, warm; lazyfs answering every open", "s", "py_warm_plain", "py_warm_lazyopen")
     row("sequential read 256 MiB, cold (lazyfs: from registry, fresh cache)", "MiB/s", "seq_cold_plain", "seq_coldreg_lazy", higher_better=True)
     row("sequential read, cold from local cache (new mount, caches dropped)", "MiB/s", "seq_cold_plain", "seq_coldcache_lazy", higher_better=True, target="≥ 0.5x", limit=0.5)
     row("sequential read, warm (same mount)", "MiB/s", "seq_warm_plain", "seq_warm_lazy", higher_better=True, target="≥ 1/1.2 = 0.83x", limit=1 / 1.2)
@@ -428,11 +460,15 @@ def report(args: argparse.Namespace, res: Results, info: dict[str, object]) -> N
     for key, label in (("rss_tree_mounted_kib", "VmRSS, tree mount right after mounting"),
                        ("rss_after_storm_kib", "VmRSS, tree mount after find + lstat storm"),
                        ("hwm_after_storm_kib", "VmHWM, tree mount after find + lstat storm"),
+                       ("pss_after_storm_kib", "Pss, tree mount after find + lstat storm"),
+                       ("private_after_storm_kib", "Private (clean + dirty), tree mount after find + lstat storm"),
                        ("rss_after_imports_kib", "VmRSS, tree mount after storm + imports"),
                        ("hwm_after_imports_kib", "VmHWM, tree mount after storm + imports"),
                        ("rss_big_mounted_kib", "VmRSS, big mount right after mounting"),
                        ("rss_big_kib", "VmRSS, big mount after reads"),
                        ("hwm_big_kib", "VmHWM, big mount after reads")):
+        if key not in res.data:
+            continue
         v = res.med(key) / 1024
         limit = "< 40 MiB" if key.startswith(("rss_after_storm", "hwm_after_storm")) else ""
         met = ("yes" if v < 40 else "**no**") if limit else ""
@@ -458,6 +494,8 @@ def main() -> int:
     ap.add_argument("--big-mib", type=int, default=256)
     ap.add_argument("--random-reads", type=int, default=2000)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
+    ap.add_argument("--compare-open", action="store_true",
+                    help="also mount the tree with CRFS_LAZYFS_NO_OPEN=0 (every OPEN/OPENDIR answered, as with a stock pyfuse3): warm find, lstat, python")
     args = ap.parse_args()
     args.reps = args.reps or (2 if args.quick else 5)
     if os.geteuid() != 0:

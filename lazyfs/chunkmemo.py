@@ -28,7 +28,7 @@ import trio
 from .chunks import ChunkStore, ChunkUnavailable
 from .stargz.toc import ChunkRef
 
-DEFAULT_MEMO_BYTES = 32 << 20  # per mount: eight 4 MiB chunks
+DEFAULT_MEMO_BYTES = 16 << 20  # per mount: four 4 MiB chunks (a sequential reader needs two: current + read-ahead)
 DEFAULT_READAHEAD_INFLIGHT = 1  # read-ahead loads running at once, per mount
 
 _Key = tuple[int, int]  # (blob_offset, inner_offset): unique per chunk in a layer

@@ -31,10 +31,26 @@ FOREVER = 365 * 24 * 3600.0  # seconds: the layer never changes under the kernel
 BLOCK = 4096
 FSNAME = "crfs-lazyfs"
 READAHEAD_CHUNKS = 1  # chunks of a file loaded ahead of a read (0: none)
+# pyfuse3 built with third_party/pyfuse3's patch hands ``read``/``readdir``
+# the inode when the kernel sends file handle 0, which lets us run without
+# OPEN/OPENDIR (see ``LayerFS.no_open``); a stock pyfuse3 cannot.
+# The kernel side (opendir answering ENOSYS, FOPEN_KEEP_CACHE|FOPEN_CACHE_DIR
+# by default for what it opens itself) exists since Linux 5.1.
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+NO_OPEN_SUPPORTED = bool(getattr(pyfuse3, "ZERO_FH_IS_INODE", False)) and _kernel_at_least(5, 1)
 
 
 @dataclass
 class FsStats:
+    opens: int = 0  # OPEN + OPENDIR requests that reached us (no-open mode: one of each, ever)
+    readdirs: int = 0  # READDIR(PLUS) requests
     reads: int = 0
     bytes_read: int = 0
     read_errors: int = 0  # reads answered with EIO
@@ -53,7 +69,19 @@ def mount_options(*, allow_other: bool | None = None, fsname: str = FSNAME) -> s
 
 
 class LayerFS(pyfuse3.Operations):
-    """pyfuse3 operations over one layer's ``Toc`` and ``ChunkStore``."""
+    """pyfuse3 operations over one layer's ``Toc`` and ``ChunkStore``.
+
+    No-open mode (``no_open``, the default when pyfuse3 supports it): ``open``
+    and ``opendir`` answer ENOSYS, after which the kernel opens files and
+    directories of this mount on its own: no OPEN/OPENDIR/RELEASE/RELEASEDIR
+    requests, file pages kept (FOPEN_KEEP_CACHE) and directory listings
+    cached in the kernel (FOPEN_CACHE_DIR), so a warm ``find`` or a warm
+    import never reaches this process. READ and READDIR then carry file
+    handle 0, and the patched pyfuse3 passes the inode instead (inode numbers
+    start at 1, so 0 is never one of ours). Safe for a layer because it never
+    changes, and the mount is read-only: the kernel refuses writes and
+    O_TRUNC itself (EROFS) before any open would reach us.
+    """
 
     enable_writeback_cache = False
     enable_acl = False
@@ -61,13 +89,22 @@ class LayerFS(pyfuse3.Operations):
     def __init__(
         self, toc: Toc, store: ChunkStore, *, memo: ChunkMemo | None = None,
         opaque_xattrs: tuple[str, ...] = OPAQUE_XATTRS, readahead_chunks: int = READAHEAD_CHUNKS,
+        no_open: bool | None = None, record_access: bool = False,
     ) -> None:
         super().__init__()
+        # files read, in first-read order (crfs optimize's profile); an
+        # insertion-ordered dict as the ordered set
+        self.accessed: dict[str, None] | None = {} if record_access else None
+        if no_open is None:
+            no_open = NO_OPEN_SUPPORTED
+        elif no_open and not NO_OPEN_SUPPORTED:
+            raise ValueError("no_open needs pyfuse3 with third_party/pyfuse3's patch (pyfuse3.ZERO_FH_IS_INODE)")
+        self.no_open = self.zero_fh_is_inode = no_open  # pyfuse3.init reads zero_fh_is_inode
         self.readahead_chunks = readahead_chunks
         self.tree = LayerTree(toc, opaque_xattrs=opaque_xattrs)
+        toc.drop_children_index()  # the tree has its own listings now
         self.memo = memo if memo is not None else ChunkMemo(store)
         self.stats = FsStats()
-        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
         self._negative.entry_timeout = FOREVER
@@ -75,11 +112,10 @@ class LayerFS(pyfuse3.Operations):
     # --- metadata ----------------------------------------------------------
 
     def attributes(self, ino: int) -> pyfuse3.EntryAttributes:
-        """The (cached, never changing) attributes of an inode."""
-        attrs = self._attrs.get(ino)
-        if attrs is None:
-            attrs = self._attrs[ino] = _attributes(self._node(ino))
-        return attrs
+        """The (never changing) attributes of an inode, built on each call:
+        the kernel keeps them forever, so few calls come per inode, and not
+        holding ~11k ``EntryAttributes`` objects saves ~2.8 MB per 10k-entry layer."""
+        return _attributes(self._node(ino))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self.attributes(inode)
@@ -102,15 +138,19 @@ class LayerFS(pyfuse3.Operations):
         return node.link_target
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.stats.opens += 1
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens (and caches) directories itself from now on
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._node(fh).listing
-        for index in range(start_id, len(listing)):
-            name, ino = listing[index]
-            if not pyfuse3.readdir_reply(token, name, self.attributes(ino), index + 1):
+        self.stats.readdirs += 1
+        node = self._node(fh)
+        names, inos = node.names, node.inos
+        for index in range(start_id, len(names)):
+            if not pyfuse3.readdir_reply(token, names[index], self.attributes(inos[index]), index + 1):
                 return
 
     async def releasedir(self, fh: int) -> None:
@@ -138,6 +178,9 @@ class LayerFS(pyfuse3.Operations):
     # --- file data -----------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self.stats.opens += 1
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens files itself from now on, keeping their pages
         node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -147,6 +190,8 @@ class LayerFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         entry = self._node(fh).entry
+        if self.accessed is not None and entry.name not in self.accessed:
+            self.accessed[entry.name] = None
         chunks = self.tree.toc.chunks_for_range(entry.name, off, size)
         if not chunks:
             return b""

@@ -23,8 +23,10 @@ reads from a lower directory:
 
 from __future__ import annotations
 
+import bisect
 import os
 import stat
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -40,10 +42,10 @@ OPAQUE_VALUE = b"y"
 HIDDEN_IN_ROOT = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME})
 
 # Shared, read-only empties: most nodes have no xattrs, and only directories
-# have children (saves three containers, ~180 bytes, per file).
+# have children.
 _NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
-_NO_CHILDREN: Mapping[bytes, int] = MappingProxyType({})
-_NO_LISTING: Sequence[tuple[bytes, int]] = ()
+_NO_NAMES: tuple[bytes, ...] = ()
+_NO_INOS: Sequence[int] = ()
 
 _KIND = {
     EntryType.DIR: stat.S_IFDIR,
@@ -66,11 +68,30 @@ class Node:
     nlink: int
     size: int
     rdev: int = 0
-    xattrs: Mapping[bytes, bytes] = field(default_factory=dict)  # read-only once built
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: _NO_XATTRS)  # read-only once built
     link_target: bytes = b""  # symlinks
     parent: int = ROOT_INODE  # directories: the directory holding it
-    children: Mapping[bytes, int] = field(default_factory=dict)  # directories: name -> inode
-    listing: Sequence[tuple[bytes, int]] = field(default_factory=list)  # directories: sorted children
+    # directories: the children's names, sorted, and their inodes in the same
+    # order (a tuple and an array: no per-child tuple or dict entry)
+    names: tuple[bytes, ...] = _NO_NAMES
+    inos: Sequence[int] = _NO_INOS
+
+    @property
+    def listing(self) -> list[tuple[bytes, int]]:
+        """``(name, inode)`` of each child, sorted by name."""
+        return list(zip(self.names, self.inos))
+
+    @property
+    def children(self) -> dict[bytes, int]:
+        """name -> inode of each child (built on each call)."""
+        return dict(zip(self.names, self.inos))
+
+    def child(self, name: bytes) -> int | None:
+        """The inode of the child ``name``, or None."""
+        i = bisect.bisect_left(self.names, name)
+        if i < len(self.names) and self.names[i] == name:
+            return self.inos[i]
+        return None
 
     @property
     def is_dir(self) -> bool:
@@ -87,27 +108,32 @@ class LayerTree:
     def __init__(self, toc: Toc, *, opaque_xattrs: tuple[str, ...] = OPAQUE_XATTRS) -> None:
         self.toc = toc
         self._opaque = [name.encode() for name in opaque_xattrs]
-        self._nodes: dict[int, Node] = {}
+        self._nodes: list[Node] = []  # inode i is self._nodes[i - ROOT_INODE]
         self._by_name: dict[str, int] = {}
+        self._modes: dict[int, int] = {}
         self._total_size = 0
         self._build()
 
     def __getitem__(self, ino: int) -> Node:
-        return self._nodes[ino]
+        node = self.get(ino)
+        if node is None:
+            raise KeyError(ino)
+        return node
 
     def get(self, ino: int) -> Node | None:
-        return self._nodes.get(ino)
+        i = ino - ROOT_INODE
+        return self._nodes[i] if 0 <= i < len(self._nodes) else None
 
     def __len__(self) -> int:
         return len(self._nodes)
 
     def __iter__(self) -> Iterator[Node]:
-        return iter(self._nodes.values())
+        return iter(self._nodes)
 
     def lookup(self, parent: int, name: bytes) -> Node | None:
         """The child ``name`` of directory ``parent``, or None."""
-        ino = self._nodes[parent].children.get(name)
-        return None if ino is None else self._nodes[ino]
+        ino = self[parent].child(name)
+        return None if ino is None else self[ino]
 
     @property
     def total_size(self) -> int:
@@ -121,8 +147,9 @@ class LayerTree:
         for entry in entries:
             if entry.type is EntryType.DIR:
                 self._fill_directory(entry)
-        self._total_size = sum(n.size for n in self._nodes.values() if n.is_reg)
+        self._total_size = sum(n.size for n in self._nodes if n.is_reg)
         self._by_name = {}  # only needed to link the tree
+        self._modes = {}
 
     def _add(self, entry: TocEntry) -> Node:
         ino = len(self._nodes) + ROOT_INODE
@@ -130,33 +157,35 @@ class LayerTree:
             ino=ino,
             entry=entry,
             # Linux symlinks are always rwxrwxrwx, whatever the tar header says
-            mode=stat.S_IFLNK | 0o777 if entry.type is EntryType.SYMLINK else _KIND[entry.type] | (entry.mode & 0o7777),
+            mode=self._mode(stat.S_IFLNK | 0o777 if entry.type is EntryType.SYMLINK else _KIND[entry.type] | (entry.mode & 0o7777)),
             nlink=entry.nlink,
             size=entry.size,
             xattrs={os.fsencode(k): v for k, v in entry.xattrs.items()} if entry.xattrs else _NO_XATTRS,
-            children={} if entry.type is EntryType.DIR else _NO_CHILDREN,
-            listing=_NO_LISTING,
         )
         if entry.type in (EntryType.CHAR, EntryType.BLOCK):
             node.rdev = os.makedev(entry.dev_major, entry.dev_minor)
         if entry.type is EntryType.SYMLINK:
             node.link_target = os.fsencode(entry.link_name)
             node.size = len(node.link_target)
-        self._nodes[ino] = node
+        self._nodes.append(node)
         self._by_name[entry.name] = ino
         return node
+
+    def _mode(self, mode: int) -> int:
+        """One int object per distinct mode (a layer has a handful)."""
+        return self._modes.setdefault(mode, mode)
 
     def _whiteout(self, whiteout: TocEntry) -> Node:
         """The char 0/0 device containerd's applier makes for a ``.wh.`` entry."""
         ino = len(self._nodes) + ROOT_INODE
-        node = Node(ino=ino, entry=whiteout, mode=stat.S_IFCHR, nlink=1, size=0, rdev=0,
-                    xattrs=_NO_XATTRS, children=_NO_CHILDREN, listing=_NO_LISTING)
-        self._nodes[ino] = node
+        node = Node(ino=ino, entry=whiteout, mode=stat.S_IFCHR, nlink=1, size=0, rdev=0)
+        self._nodes.append(node)
         return node
 
     def _fill_directory(self, entry: TocEntry) -> None:
-        node = self._nodes[self._by_name[entry.name]]
+        node = self[self._by_name[entry.name]]
         children = self.toc.children(entry.name)
+        found: dict[bytes, int] = {}
         whiteouts = []
         for name, child in children.items():
             if not entry.name and name in HIDDEN_IN_ROOT:
@@ -167,12 +196,15 @@ class LayerTree:
             if name.startswith(WHITEOUT_PREFIX):
                 whiteouts.append((name[len(WHITEOUT_PREFIX) :], child))
                 continue
-            target = self._nodes[self._by_name[self.toc.resolve(child).name]]
-            node.children[os.fsencode(name)] = target.ino
+            target = self[self._by_name[self.toc.resolve(child).name]]
+            found[os.fsencode(name)] = target.ino
             if target.is_dir:
                 target.parent = node.ino
         for name, child in sorted(whiteouts, key=lambda w: w[1].name):
             key = os.fsencode(name)
-            if key not in node.children and name:
-                node.children[key] = self._whiteout(child).ino
-        node.listing = sorted(node.children.items())
+            if key not in found and name:
+                found[key] = self._whiteout(child).ino
+        if found:
+            names = sorted(found)
+            node.names = tuple(names)
+            node.inos = array("I", [found[name] for name in names])

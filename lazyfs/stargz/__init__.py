@@ -19,7 +19,17 @@ from .limits import Limits
 from .reader import StargzReader, decode_chunk
 from .source import BlobSource, BytesSource, FileSource
 from .toc import ChunkRef, EntryType, Toc, TocEntry
-from .writer import BuildResult, build
+
+
+def __getattr__(name: str) -> object:
+    # the writer (and gzip with it) is loaded on first use: a layer mount
+    # process never writes, and every module it imports costs it memory
+    if name in ("BuildResult", "build"):
+        from . import writer  # noqa: PLC0415
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BlobSource",
