@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``stargz build|verify|ls|extract`` and ``convert`` to a parent
     parser's subcommands."""
     _register_convert(subparsers)
+    _register_optimize(subparsers)
     stargz = subparsers.add_parser("stargz", help="build, verify, list and extract stargz/eStargz layers")
     sub = stargz.add_subparsers(dest="stargz_command", metavar="COMMAND", required=True)
 
@@ -203,6 +204,39 @@ def _convert(args: argparse.Namespace) -> int:
     if progress:
         progress.finish()
     print(json.dumps({"digest": digest, "destination": args.dst}))
+    return 0
+
+
+def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "optimize",
+        usage="crfs optimize [options] SRC DST (-- CMD… | --profile FILE)",
+        help="convert to eStargz with the files CMD reads at start-up prioritized",
+        description="Runs CMD in a container on a lazy mount of SRC (converted to eStargz as DST), records "
+        "which files it reads, in order, and writes DST with them prioritized. DST must be a registry reference.",
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--profile", metavar="FILE", help="use this saved profile instead of running a command")
+    p.add_argument("--save-profile", metavar="FILE", help="write the recorded profile here (for --profile later)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="stop the command after this long and use what it read (default 60)")
+    p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="allow plain HTTP to HOST (loopback always may)")
+    p.set_defaults(func=_optimize, command=[], takes_command=True)  # CMD: what follows "--"
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from .optimize import OptimizeError, optimize  # noqa: PLC0415 - mounts, namespaces
+
+    command = args.command
+    try:
+        with RegistryClient(RegistryConfig(insecure_hosts=frozenset(args.insecure))) as client:
+            digest, paths = optimize(args.src, args.dst, command, client, profile=args.profile,
+                                     save_profile=args.save_profile, timeout=args.timeout,
+                                     report=lambda text: print(f"crfs optimize: {text}", file=sys.stderr, flush=True))
+    except (OptimizeError, ConvertError, RegistryError, LayoutError, StargzError, OSError) as exc:
+        print(f"crfs optimize: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"digest": digest, "destination": args.dst, "prioritized": len(paths)}))
     return 0
 
 

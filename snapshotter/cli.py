@@ -81,7 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:  # a command to run (crfs optimize … -- CMD…) is never parsed as options
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if command:
+        if not getattr(args, "takes_command", False):
+            parser.error(f"unexpected arguments after --: {' '.join(command)}")
+        args.command = command
     return args.func(args)
 
 

@@ -1,0 +1,147 @@
+"""``crfs optimize SRC DST -- CMD…``: an eStargz image whose prioritized
+files are the ones CMD reads at start-up, so that a lazy pull fetches them
+in one request when each layer is mounted.
+
+Profiling: SRC is converted to eStargz as DST (nothing prioritized), DST is
+mounted lazily the way ``crfs mount docker://`` does with every layer
+process recording which files are read, in order (lazyfs sees each read
+itself, page faults of mapped libraries included), and CMD runs in a
+container on it: its own mount and PID namespaces, chrooted, with /proc,
+/dev and a /tmp. What was read becomes the profile, one path per line; SRC
+is then converted again as DST with those files prioritized. A saved profile
+(``--profile``) skips the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import image_mount, mount
+from .convert import ConvertOptions, Converter, open_store
+from .layer_source import RemoteOptions
+from .registry.client import RegistryClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class OptimizeError(Exception):
+    """The profiling run or a conversion failed; the message says which."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int | None  # None: killed at the timeout
+    seconds: float
+    output: str
+
+
+def read_profile(path: str | os.PathLike[str]) -> list[str]:
+    """Paths from a profile file (``#`` comments and blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def write_profile(path: str | os.PathLike[str], paths: Sequence[str], command: Sequence[str]) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(f"# crfs optimize profile: files read by {shlex.join(command)}, in order\n" + "".join(p + "\n" for p in paths))
+    tmp.replace(path)
+
+
+def convert(src: str, dst: str, client: RegistryClient, prioritized: Sequence[str] = ()) -> str:
+    """SRC as eStargz at DST; the manifest digest."""
+    options = ConvertOptions(prioritized=tuple(prioritized))
+    return Converter(open_store(src, client, create=False), open_store(dst, client, create=True), options).run()
+
+
+def record(reference: str, command: Sequence[str], workdir: Path, *, timeout: float, env: dict[str, str],
+           cwd: str = "/", remote: RemoteOptions = RemoteOptions()) -> tuple[list[str], RunResult]:
+    """Mount ``reference`` lazily with access recording, run ``command`` in
+    it; the files read (each once, in first-read order, bottom layer's
+    first where a path is in several) and how the run went."""
+    root = workdir / "rootfs"
+    root.mkdir(parents=True)
+    recording = dataclasses.replace(remote, record_access=True, background_fetch=False)
+    record_ = image_mount.mount_image(f"{image_mount.DOCKER_SCHEME}{reference}", root, remote=recording)
+    try:
+        result = run_in_container(root, command, timeout=timeout, env=env, cwd=cwd)
+        accessed: list[str] = []
+        for layer_dir in record_.layers:
+            accessed += [p for p in mount.status(layer_dir).get("accessed", []) if p not in accessed]
+    finally:
+        image_mount.unmount_image(root)
+    return accessed, result
+
+
+def run_in_container(root: Path, command: Sequence[str], *, timeout: float, env: dict[str, str], cwd: str = "/") -> RunResult:
+    """``command`` chrooted into ``root`` in new mount and PID namespaces;
+    killed (the whole namespace) after ``timeout`` seconds."""
+    setup = (
+        'set -e; r="$1"; shift; '
+        'mount -t proc proc "$r/proc"; mount --rbind /dev "$r/dev"; mount -t tmpfs tmpfs "$r/tmp"; '
+        'exec chroot "$r" "$@"'
+    )
+    argv = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
+            "sh", "-c", setup, "sh", str(root), "env", "-i", *[f"{k}={v}" for k, v in env.items()],
+            "sh", "-c", 'cd "$0" && exec "$@"', cwd, *command]
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # unshare's child is PID 1 of the namespace: all go
+        out, _ = proc.communicate()
+        code = None
+    return RunResult(code, time.monotonic() - started, out.decode(errors="replace"))
+
+
+def image_env(reference: str, client: RegistryClient) -> tuple[dict[str, str], str]:
+    """The image config's Env (PATH defaulted) and WorkingDir."""
+    resolved = client.resolve(reference)
+    repo = client.repository(resolved.reference)
+    config = json.loads(repo.get_blob(resolved.manifest.config.digest)).get("config") or {}
+    env = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env, config.get("WorkingDir") or "/"
+
+
+def optimize(src: str, dst: str, command: Sequence[str], client: RegistryClient, *, profile: str | None = None,
+             save_profile: str | None = None, timeout: float = 60.0,
+             report: Callable[[str], None] = lambda text: None) -> tuple[str, list[str]]:
+    """DST optimized for ``command`` (or for the saved ``profile``); the
+    manifest digest and the prioritized paths."""
+    if profile is not None:
+        paths = read_profile(profile)
+    else:
+        if not command:
+            raise OptimizeError("give a command to profile (after --) or a saved --profile")
+        report(f"converting {src} to {dst} for the profiling run")
+        convert(src, dst, client)
+        env, cwd = image_env(dst, client)
+        with tempfile.TemporaryDirectory(prefix="crfs-optimize-") as work:
+            report(f"running {shlex.join(command)} on a lazy mount of {dst}")
+            paths, result = record(dst, command, Path(work), timeout=timeout, env=env, cwd=cwd)
+        if result.exit_code is None:
+            report(f"the command was stopped after {timeout:g}s (what it read so far is the profile)")
+        elif result.exit_code != 0:
+            raise OptimizeError(f"{shlex.join(command)} failed (exit {result.exit_code}):\n{result.output[-2000:]}")
+        report(f"it read {len(paths)} files in {result.seconds:.2f}s")
+        if save_profile:
+            write_profile(save_profile, paths, command)
+    if not paths:
+        raise OptimizeError("the profile is empty: nothing to prioritize")
+    report(f"converting {src} to {dst} with {len(paths)} prioritized files")
+    return convert(src, dst, client, paths), paths
