@@ -39,18 +39,36 @@ class _RangedSource:
 
 
 class RegistryBlobSource(_RangedSource):
-    """One blob of a repository, read with HTTP Range requests."""
+    """One blob of a repository, read with HTTP Range requests.
 
-    def __init__(self, repo: Repository, digest: str, size: int | None = None) -> None:
-        if size is None:
+    With ``tail`` (and no ``size``), the blob's last ``tail`` bytes come
+    first, in one suffix-range request that also tells the size: a stargz
+    layer's footer and (usually) its TOC, so that opening a layer costs one
+    round trip instead of three (HEAD, footer, TOC). ``drop_tail`` frees
+    them once the TOC is parsed."""
+
+    def __init__(self, repo: Repository, digest: str, size: int | None = None, *, tail: int = 0) -> None:
+        self.repo = repo
+        self.digest = digest
+        self._tail = b""
+        if size is None and tail > 0:
+            self._tail, size = repo.get_tail(digest, tail)
+        elif size is None:
             size = repo.blob_size(digest)
             if size is None:
                 raise NotFound(f"blob {digest} does not exist", repo=repo.name, target=digest)
-        self.repo = repo
-        self.digest = digest
         self._size = size
 
+    def drop_tail(self) -> None:
+        self._tail = b""
+
     def _fetch(self, offset: int, length: int) -> bytes:
+        tail_start = self._size - len(self._tail)
+        if self._tail and offset + length > tail_start:
+            if offset >= tail_start:
+                return self._tail[offset - tail_start : offset - tail_start + length]
+            head = self.repo.get_range(self.digest, offset, tail_start - offset)
+            return head + self._tail[: offset + length - tail_start]
         return self.repo.get_range(self.digest, offset, length)
 
 

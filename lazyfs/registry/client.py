@@ -416,6 +416,37 @@ class Repository:
             n += len(piece)
         return n
 
+    def get_tail(self, digest: str, length: int) -> tuple[bytes, int]:
+        """The last ``length`` bytes of the blob (all of it if shorter) and
+        the blob's size, from one suffix-range GET: where a stargz layer keeps
+        its footer and TOC, without a HEAD for the size first."""
+        parse_digest(digest)
+
+        def once(ep: Endpoint, attempts: Attempts) -> tuple[bytes, int]:
+            resp = self.client.send(
+                ep, "GET", self._blob_path(digest), scopes=self.pull_scopes,
+                headers={"Range": f"bytes=-{length}", "Accept-Encoding": "identity"}, stream=True, attempts=attempts,
+            )
+            kw = dict(host=ep.host, repo=self.name, target=f"blob {digest} tail {length}")
+            if resp.status_code not in (200, 206):
+                _fail(resp, ep.host, self.name, f"blob {digest}", "cannot get blob tail")
+            try:
+                with resp:
+                    if resp.status_code == 206:
+                        cr = parse_content_range(resp.headers.get("Content-Range"))
+                        if cr.total is None or cr.end != cr.total - 1:
+                            raise ProtocolError(f"suffix range answered with {resp.headers.get('Content-Range')!r}", **kw)
+                        return _read_exact(resp, cr.end - cr.start + 1), cr.total
+                    whole = _read_all(resp, limit=64 << 20)  # a server without Range support: the blob
+                    return whole[-length:], len(whole)
+            except RegistryError as e:
+                e.host, e.repo, e.target = ep.host, self.name, kw["target"]
+                raise
+            except WIRE_ERRORS as e:
+                raise IncompleteBody(f"tail body broken: {describe(e)}", **kw) from None
+
+        return self._retrying_body(lambda attempts: self.client.with_endpoints(self.registry, True, lambda ep: once(ep, attempts)))
+
     def get_range(self, digest: str, offset: int, length: int) -> bytes:
         """``length`` bytes of the blob at ``offset`` (one ranged GET)."""
         return self.get_ranges(digest, [(offset, length)])[0]

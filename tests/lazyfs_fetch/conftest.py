@@ -120,8 +120,9 @@ class Remote:
     def bytes_requested(self) -> int:
         total = 0
         for header in self.blob_gets():
-            for start, end in re.findall(r"(\d+)-(\d+)", header):
-                total += int(end) - int(start) + 1
+            for start, end in re.findall(r"(\d*)-(\d+)", header):
+                # a suffix range (-N, opening a layer) is N bytes, at most the blob
+                total += int(end) - int(start) + 1 if start else min(int(end), self.layer.build.size)
         return total
 
 

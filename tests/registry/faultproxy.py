@@ -88,7 +88,8 @@ class FaultProxy:
 
     def blob_bytes(self, sizes: Mapping[str, int], digest: str = "") -> int:
         """Blob bytes served so far (of ``digest`` only, if given): a GET's
-        ``Range`` counts its ranges, a GET without one the blob's size from
+        ``Range`` counts its ranges (a suffix ``-N``: N, at most the blob's
+        size when ``sizes`` knows it), a GET without one the blob's size from
         ``sizes`` (digest -> size)."""
         total = 0
         for seen in self.requests(rf"^GET /v2/.*/blobs/{re.escape(digest)}"):
@@ -99,7 +100,10 @@ class FaultProxy:
                 continue
             for part in ranges.removeprefix("bytes=").split(","):
                 start, _, end = part.partition("-")
-                total += int(end) - int(start) + 1
+                if start:
+                    total += int(end) - int(start) + 1
+                else:
+                    total += min(int(end), sizes.get(blob, int(end)))
         return total
 
     def _take(self, line: str) -> Optional[Fault]:
