@@ -19,6 +19,7 @@ Why the machinery:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import threading
@@ -52,12 +53,16 @@ class FetchConfig:
     ``deadline``: seconds one ``get_many`` may take before ChunkUnavailable.
     ``gap``: chunks at most this many blob bytes apart share one request.
     ``max_span``: no foreground request asks for more than this (unless a
-    single chunk is larger). ``verify_retries``: refetches of a range whose
+    single chunk is larger). ``read_around``: see below. ``verify_retries``: refetches of a range whose
     bytes failed verification. ``cache_unverified``: also cache chunks that
     have no digest (legacy stargz); only for a blob verified some other way."""
 
     max_concurrent: int = 4
     deadline: float = 60.0
+    # a foreground request also brings the chunks that follow it in the blob
+    # (other small files of the same directory, usually), up to this many
+    # compressed bytes: one round trip instead of one per file at start-up
+    read_around: int = 256 << 10
     gap: int = 32 << 10
     max_span: int = 4 << 20
     verify_retries: int = 1
@@ -104,7 +109,7 @@ class _Counters:
 
     NAMES = (
         "requests", "bytes_fetched", "chunks_fetched", "chunks_cached", "chunks_from_cache",
-        "chunks_joined", "errors", "digest_failures", "timeouts",
+        "chunks_joined", "chunks_read_around", "errors", "digest_failures", "timeouts",
     )
 
     def __init__(self) -> None:
@@ -134,8 +139,12 @@ class RemoteChunks:
         cache: ChunkCache | None,
         config: FetchConfig = FetchConfig(),
         slots: FetchSlots | None = None,
+        layout: Sequence[ChunkRef] = (),
     ) -> None:
         self.source = source
+        # every chunk of the layer in blob order, for read-around (empty: none)
+        self._layout = sorted(layout, key=lambda c: c.blob_offset)
+        self._layout_offsets = [c.blob_offset for c in self._layout]
         self.slots = slots  # the host-wide cap on requests in flight, if any
         self.blob_digest = blob_digest
         self.cache = cache
@@ -156,12 +165,17 @@ class RemoteChunks:
         deadline = time.monotonic() + self.config.deadline
         with self._foreground():
             waits, owned = self._claim(chunks)
+            if owned and self._layout and self.config.read_around > 0:
+                for chunk, fut in self._claim_around(owned):
+                    owned.append(chunk)
+                    waits[chunk_key(chunk)] = fut
             for span in plan_spans(owned, self.config.gap, self.config.max_span):
                 try:
                     self._pool.submit(self._fetch_span, span, waits)
                 except RuntimeError:  # closed meanwhile
                     self._fail(span.chunks, waits, ChunkUnavailable("chunk store is closed"))
-            got = {key: self._wait(fut, deadline) for key, fut in waits.items()}
+            wanted = {chunk_key(c) for c in chunks}
+            got = {key: self._wait(fut, deadline) for key, fut in waits.items() if key in wanted}
         return [got[chunk_key(c)] for c in chunks]
 
     # --- for the prefetcher --------------------------------------------------
@@ -257,6 +271,40 @@ class RemoteChunks:
             self._fail(mine, waits, ChunkUnavailable(f"blob {self.blob_digest}: cache lookup failed: {exc!r}"))
             raise
         return waits, owned
+
+    def _claim_around(self, owned: Sequence[ChunkRef]) -> list[tuple[ChunkRef, Future[bytes]]]:
+        """Chunks right after the ones being fetched, in blob order, that
+        nobody has or is fetching, within ``read_around`` bytes in all and
+        ``gap`` of each other: they ride along in the same request (and go
+        to the cache), so that reading the next small file costs nothing."""
+        budget = self.config.read_around
+        extra: list[tuple[ChunkRef, Future[bytes]]] = []
+        taken = {chunk_key(c) for c in owned}
+        for span in plan_spans(owned, self.config.gap, None):
+            i = bisect.bisect_right(self._layout_offsets, span.chunks[-1].blob_offset)
+            end = span.end
+            while i < len(self._layout) and budget > 0:
+                chunk = self._layout[i]
+                off, length = chunk.compressed_range
+                if off - end > self.config.gap or length > budget:
+                    break
+                key = chunk_key(chunk)
+                i += 1
+                end = max(end, off + length)
+                if key in taken:
+                    continue
+                if self.is_local(chunk):
+                    continue  # in the cache: the gap it leaves is still bridged
+                with self._lock:
+                    if key in self._inflight:
+                        continue
+                    fut = self._inflight[key] = Future()
+                taken.add(key)
+                extra.append((chunk, fut))
+                budget -= length
+        if extra:
+            self._counters.add("chunks_read_around", len(extra))
+        return extra
 
     def _wait(self, fut: Future[bytes], deadline: float) -> bytes:
         try:

@@ -47,6 +47,8 @@ class RemoteOptions:
     # waits until reads have not fetched for background_idle seconds
     background_delay: float = 2.0
     background_idle: float = 0.5
+    # compressed bytes after each fetched range brought along (FetchConfig.read_around)
+    read_around: int = 256 << 10
     # a read that cannot get its chunks within this many seconds fails with
     # EIO; registry requests are bounded by it too
     fetch_deadline: float = 60.0
@@ -155,7 +157,7 @@ def _open_remote(
         prefetch = PrefetchConfig(background=options.background_fetch, start_delay=options.background_delay,
                                   idle=options.background_idle)
         remote = RemoteLayer.open(blob, blob_digest or "", cache, toc_digest=toc_digest,
-                                  fetch=FetchConfig(deadline=options.fetch_deadline), slots=slots,
+                                  fetch=FetchConfig(deadline=options.fetch_deadline, read_around=options.read_around), slots=slots,
                                   background_slots=background_slots, prefetch=prefetch)
         closers.append(remote.close)
         remote.reader.release_toc_json()  # a mount serves the parsed TOC only

@@ -213,6 +213,7 @@ def remote_args(remote: RemoteOptions) -> list[str]:
         args += ["--memory-limit-mib", str(remote.memory_limit_mib)]
     if remote.record_access:
         args.append("--record-access")
+    args += ["--read-around", str(remote.read_around)]
     return args
 
 
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-slots-dir", help="directory of the host-wide fetch slots (shared by every layer process)")
     p.add_argument("--fetch-slots", type=int, default=16, help="registry requests in flight at once, host-wide")
     p.add_argument("--memory-limit-mib", type=int, help="RLIMIT_DATA of this process, MiB")
+    p.add_argument("--read-around", type=int, default=RemoteOptions.read_around, metavar="BYTES",
+                   help="compressed bytes after each fetched range to bring along (0: none)")
     p.add_argument("--record-access", action="store_true", help="record which files are read, in order (status: accessed)")
     p.add_argument("--no-allow-other", action="store_true", help="do not let other users read the mount")
     p.add_argument("--debug", action="store_true")
@@ -316,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         remote = RemoteOptions(cache_dir=args.cache_dir, blob_digest=args.blob_digest, background_fetch=args.background_fetch,
                                fetch_deadline=args.fetch_deadline, registry_config=args.registry_config,
                                fetch_slots_dir=args.fetch_slots_dir, fetch_slots=args.fetch_slots,
-                               memory_limit_mib=args.memory_limit_mib, record_access=args.record_access)
+                               memory_limit_mib=args.memory_limit_mib, record_access=args.record_access,
+                               read_around=args.read_around)
         layer = open_layer(args.source, toc_digest=args.toc_digest, remote=remote)
     except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
         log.error("cannot open %s: %s", args.source, exc)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .cache import ChunkCache
 from .fetcher import FetchConfig, RemoteChunks
 from .fetchslots import FetchSlots
-from .prefetch import PrefetchConfig, Prefetcher
+from .prefetch import PrefetchConfig, Prefetcher, layer_chunks
 from .stargz.reader import StargzReader
 from .stargz.source import BlobSource
 
@@ -42,7 +42,7 @@ class RemoteLayer:
         """Read and check the TOC (``StargzReader.open``'s errors pass through);
         ``prefetch`` None: nothing is fetched before it is read."""
         reader = StargzReader.open(source, toc_digest=toc_digest)
-        store = RemoteChunks(source, blob_digest, cache, fetch, slots)
+        store = RemoteChunks(source, blob_digest, cache, fetch, slots, layout=layer_chunks(reader.toc))
         prefetcher = Prefetcher(store, reader.toc, prefetch, background_slots) if prefetch is not None else None
         return cls(reader, store, prefetcher)
 

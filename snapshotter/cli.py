@@ -9,11 +9,20 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lazyfs import cli as lazyfs_cli
-from lazyfs import mount_cli
+import importlib
 
-from . import config, rpull
+from . import config
 from .errors import SnapshotError
+
+# Modules that add subcommands (``register(subparsers)``), by the commands
+# they add. Only the one a command needs is imported: ``crfs rpull`` is on a
+# container's critical path and must not pay for convert's or mount's imports.
+_REGISTRARS = {
+    "lazyfs.cli": ("convert", "optimize", "stargz"),
+    "lazyfs.mount_cli": ("mount", "umount", "mount-status"),
+    "snapshotter.rpull": ("rpull",),
+}
+_LOCAL_COMMANDS = ("serve", "status")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -61,7 +70,9 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only what that subcommand needs
+    (every subcommand when it is unknown, for the usage message)."""
     parser = argparse.ArgumentParser(prog="crfs", description="containerd remote snapshotter with lazy pulling")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve containerd's Snapshots API on a unix socket")
@@ -74,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--root", type=Path, help="state directory of the crfs serve to report on")
     status.add_argument("--config", type=Path, help="TOML config file (for its root)")
     status.set_defaults(func=_status)
-    lazyfs_cli.register(sub)
-    mount_cli.register(sub)
-    rpull.register(sub)
+    needed = [m for m, commands in _REGISTRARS.items() if command in commands]
+    if not needed and command not in _LOCAL_COMMANDS:
+        needed = list(_REGISTRARS)
+    for module in needed:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -86,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--" in argv:  # a command to run (crfs optimize … -- CMD…) is never parsed as options
         i = argv.index("--")
         argv, command = argv[:i], argv[i + 1:]
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if command:
         if not getattr(args, "takes_command", False):

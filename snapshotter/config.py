@@ -65,6 +65,9 @@ class Config:
     # On SIGTERM, unmount every layer (else they keep serving running
     # containers and the next `crfs serve` adopts them).
     unmount_on_stop: bool = False
+    # KiB after each range a read fetches to bring along in the same request
+    # (the next small files, usually read next at start-up); 0: none.
+    read_around_kib: int = 256
     # Registry requests in flight at once, over every layer process.
     max_concurrent_fetches: int = 16
     # Cap (RLIMIT_DATA) on the memory of each layer process, in MiB; a
@@ -105,7 +108,7 @@ class Config:
                 except RegistryConfigError as exc:
                     raise ConfigError(str(exc)) from None
             elif isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "read_around_kib" else 1):
                     raise ConfigError(f"{source}: {name} must be a positive integer")
             elif isinstance(getattr(self, name), bool):
                 if not isinstance(value, bool):

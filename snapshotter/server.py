@@ -120,7 +120,7 @@ def _layer_mounts(cfg: Config, stack: ExitStack) -> Optional[LayerMounts]:
         cache_dir=str(cfg.root / "cache"), background_fetch=cfg.background_fetch, fetch_deadline=cfg.fetch_deadline,
         registry_config=str(registry_config) if registry_config else None,
         fetch_slots_dir=str(cfg.root / "fetch-slots"), fetch_slots=cfg.max_concurrent_fetches,
-        memory_limit_mib=cfg.mount_memory_limit_mib,
+        memory_limit_mib=cfg.mount_memory_limit_mib, read_around=cfg.read_around_kib << 10,
     )
     return LayerMounts(cfg.root / "layers", supervisor, remote, premount_hold=cfg.premount_hold)
 

@@ -160,3 +160,25 @@ def test_a_broken_cache_entry_makes_a_slower_read_not_a_failed_one(layer: Layer,
             assert store.get_many([chunk]) == [layer.files[BIG][: chunk.size]]
         stats = store.stats()
         assert stats["requests"] == 2 and stats["errors"] == 0 and stats["chunks_cached"] == 0
+
+
+def test_read_around_brings_the_next_small_files_in_the_same_request(remote: Remote, tmp_path: Path) -> None:
+    """Start-up reads small files one by one, mostly neighbours in the blob:
+    each request also brings what follows it (``read_around`` bytes), so the
+    next file is already in the cache; with read_around=0 it is not."""
+    from lazyfs.prefetch import layer_chunks
+
+    toc = remote.reader().toc
+    small = sorted((e for e in toc if e.name.startswith("small/") and e.chunks), key=lambda e: e.chunks[0].blob_offset)
+    first, following = small[0], small[1:6]
+    for around, expect_more in ((256 << 10, 0), (0, len(following))):
+        remote.proxy.clear()
+        with RemoteChunks(remote.source(), remote.layer.digest, ChunkCache(tmp_path / str(around)),
+                          FetchConfig(read_around=around), layout=layer_chunks(toc)) as store:
+            assert b"".join(store.get_many(first.chunks)) == remote.layer.files[first.name]
+            assert len(remote.blob_gets()) == 1
+            for entry in following:
+                assert b"".join(store.get_many(entry.chunks)) == remote.layer.files[entry.name]
+            assert len(remote.blob_gets()) == 1 + expect_more
+            if around:
+                assert store.stats()["chunks_read_around"] >= len(following)
