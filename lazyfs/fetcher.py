@@ -62,7 +62,7 @@ class FetchConfig:
     # a foreground request also brings the chunks that follow it in the blob
     # (other small files of the same directory, usually), up to this many
     # compressed bytes: one round trip instead of one per file at start-up
-    read_around: int = 256 << 10
+    read_around: int = 64 << 10
     gap: int = 32 << 10
     max_span: int = 4 << 20
     verify_retries: int = 1

@@ -48,7 +48,7 @@ class RemoteOptions:
     background_delay: float = 2.0
     background_idle: float = 0.5
     # compressed bytes after each fetched range brought along (FetchConfig.read_around)
-    read_around: int = 256 << 10
+    read_around: int = 64 << 10
     # a read that cannot get its chunks within this many seconds fails with
     # EIO; registry requests are bounded by it too
     fetch_deadline: float = 60.0

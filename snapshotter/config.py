@@ -67,7 +67,7 @@ class Config:
     unmount_on_stop: bool = False
     # KiB after each range a read fetches to bring along in the same request
     # (the next small files, usually read next at start-up); 0: none.
-    read_around_kib: int = 256
+    read_around_kib: int = 64
     # Registry requests in flight at once, over every layer process.
     max_concurrent_fetches: int = 16
     # Cap (RLIMIT_DATA) on the memory of each layer process, in MiB; a

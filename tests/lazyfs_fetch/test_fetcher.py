@@ -171,7 +171,7 @@ def test_read_around_brings_the_next_small_files_in_the_same_request(remote: Rem
     toc = remote.reader().toc
     small = sorted((e for e in toc if e.name.startswith("small/") and e.chunks), key=lambda e: e.chunks[0].blob_offset)
     first, following = small[0], small[1:6]
-    for around, expect_more in ((256 << 10, 0), (0, len(following))):
+    for around, expect_more in ((256 << 10, 0), (0, len(following))):  # (256 KiB: the five files for sure)
         remote.proxy.clear()
         with RemoteChunks(remote.source(), remote.layer.digest, ChunkCache(tmp_path / str(around)),
                           FetchConfig(read_around=around), layout=layer_chunks(toc)) as store:
