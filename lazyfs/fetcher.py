@@ -190,6 +190,30 @@ class RemoteChunks:
         for fut in waits.values():
             self._wait(fut, deadline)
 
+    def keep(self, offset: int, data: bytes) -> int:
+        """Verify and cache every chunk lying wholly in ``data`` (blob bytes
+        at ``offset``, fetched for another reason: the tail read when the
+        layer was opened) instead of throwing them away; how many."""
+        if self.cache is None or not self._layout:
+            return 0
+        kept = 0
+        end = offset + len(data)
+        for chunk in self._layout[bisect.bisect_left(self._layout_offsets, offset):]:
+            off, length = chunk.compressed_range
+            if off + length > end:
+                break
+            if not chunk.digest or self.cache.contains(self.blob_digest, chunk):
+                continue
+            try:
+                plain = decode_chunk(chunk, [data[off - offset : off - offset + length]])
+            except (VerificationError, FormatError) as exc:
+                log.warning("blob %s: chunk at %d in the opening read failed verification: %s", self.blob_digest, off, exc)
+                continue
+            if self.cache.put(self.blob_digest, chunk, plain):
+                kept += 1
+        self._counters.add("chunks_cached", kept)
+        return kept
+
     def is_local(self, chunk: ChunkRef) -> bool:
         return self.cache is not None and self.cache.contains(self.blob_digest, chunk)
 

@@ -28,8 +28,9 @@ from .stargz.toc import Toc
 
 REGISTRY_SCHEME = "registry://"
 # A registry layer is opened with one request for its last bytes: the footer
-# and, for most layers, the whole TOC (a 10k-file layer's is ~0.6 MB).
-OPEN_TAIL_BYTES = 512 << 10
+# and a small TOC (a larger one takes one more request); file chunks in them
+# go to the cache.
+OPEN_TAIL_BYTES = 64 << 10
 
 
 class UnsupportedSource(ValueError):
@@ -161,8 +162,8 @@ def _open_remote(
                                   background_slots=background_slots, prefetch=prefetch)
         closers.append(remote.close)
         remote.reader.release_toc_json()  # a mount serves the parsed TOC only
-        if hasattr(blob, "drop_tail"):
-            blob.drop_tail()  # the footer and TOC, read
+        if hasattr(blob, "take_tail"):
+            remote.store.keep(*blob.take_tail())  # file chunks the opening read brought: to the cache
         remote.start()
     except BaseException:
         for close in reversed(closers):

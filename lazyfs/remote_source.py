@@ -44,8 +44,8 @@ class RegistryBlobSource(_RangedSource):
     With ``tail`` (and no ``size``), the blob's last ``tail`` bytes come
     first, in one suffix-range request that also tells the size: a stargz
     layer's footer and (usually) its TOC, so that opening a layer costs one
-    round trip instead of three (HEAD, footer, TOC). ``drop_tail`` frees
-    them once the TOC is parsed."""
+    round trip instead of three (HEAD, footer, TOC). ``take_tail`` hands
+    them over once the TOC is parsed."""
 
     def __init__(self, repo: Repository, digest: str, size: int | None = None, *, tail: int = 0) -> None:
         self.repo = repo
@@ -59,8 +59,11 @@ class RegistryBlobSource(_RangedSource):
                 raise NotFound(f"blob {digest} does not exist", repo=repo.name, target=digest)
         self._size = size
 
-    def drop_tail(self) -> None:
-        self._tail = b""
+    def take_tail(self) -> tuple[int, bytes]:
+        """The tail read at open (offset, bytes), forgotten here: the caller
+        keeps what it can use (file chunks it covers)."""
+        tail, self._tail = self._tail, b""
+        return self._size - len(tail), tail
 
     def _fetch(self, offset: int, length: int) -> bytes:
         tail_start = self._size - len(self._tail)

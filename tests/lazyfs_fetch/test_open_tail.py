@@ -42,3 +42,21 @@ def test_a_missing_blob_is_not_found(remote: Remote) -> None:
 
     with pytest.raises(NotFound):
         RegistryBlobSource(remote.repo, "sha256:" + "0" * 64, tail=1024)
+
+
+def test_file_chunks_in_the_opening_read_are_kept_not_fetched_again(remote: Remote, tmp_path) -> None:  # noqa: ANN001
+    """A layer smaller than the tail arrives whole with the opening read:
+    its chunks are verified into the cache and no file read asks again."""
+    from lazyfs.cache import ChunkCache
+    from lazyfs.fetcher import RemoteChunks
+    from lazyfs.prefetch import layer_chunks
+
+    remote.proxy.clear()
+    source = RegistryBlobSource(remote.repo, remote.layer.digest, tail=remote.layer.build.size + 1000)
+    reader = StargzReader.open(source, toc_digest=remote.layer.build.toc_digest)
+    chunks = layer_chunks(reader.toc)
+    with RemoteChunks(source, remote.layer.digest, ChunkCache(tmp_path), layout=chunks) as store:
+        assert store.keep(*source.take_tail()) == len(chunks)
+        for name, data in remote.layer.files.items():
+            assert b"".join(store.get_many(reader.toc.chunks_for_range(name, 0, len(data)))) == data
+    assert len(remote.blob_gets()) == 1
