@@ -107,7 +107,8 @@ def _layer_mounts(cfg: Config, stack: ExitStack) -> Optional[LayerMounts]:
     ``unmount_on_stop``."""
     if not cfg.remote_snapshots:
         return None
-    supervisor = MountSupervisor(poll_interval=cfg.mount_check_interval, start_timeout=cfg.remote_mount_timeout)
+    supervisor = MountSupervisor(poll_interval=cfg.mount_check_interval, start_timeout=cfg.remote_mount_timeout,
+                                 spares=cfg.spare_mount_processes)
     stack.callback(lambda: supervisor.close(unmount_all=cfg.unmount_on_stop))
     registry_config = None
     if cfg.registry:
