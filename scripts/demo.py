@@ -50,7 +50,6 @@ from harness.images import push_image  # noqa: E402
 from harness.mounts import mounts_under  # noqa: E402
 from harness.pyimage import python_image  # noqa: E402
 from harness.registry import Registry  # noqa: E402
-from lazyfs import mount  # noqa: E402
 from lazyfs.registry import RegistryClient  # noqa: E402
 from registry.faultproxy import FaultProxy  # noqa: E402
 
@@ -232,14 +231,6 @@ def chroot_run(esgz: str, work: Path, counter: Counter, size: int) -> None:
         crfs_cli("umount", str(rootfs))
 
 
-def stop_layers(root: Path) -> None:
-    """Layer mount processes outlive crfs by design; end them."""
-    layers = root / "layers"
-    for name in os.listdir(layers) if layers.is_dir() else []:
-        with contextlib.suppress(mount.MountError):
-            mount.unmount(layers / name, timeout=5.0)
-
-
 def main() -> int:
     image = python_image()
     with contextlib.ExitStack() as stack:
@@ -249,7 +240,6 @@ def main() -> int:
         config = work / "crfs.toml"
         config.write_text(CONFIG)
         crfs = stack.enter_context(CrfsServer(work / "crfs-root", work / "crfs.sock", ["--config", str(config)]))
-        stack.callback(stop_layers, crfs.root)
         ctrd = stack.enter_context(Containerd(crfs_address=crfs.address, workdir=work / "ctrd"))
         step(f"registry {registry.host} behind a counting proxy {proxy.host}; crfs serve --config {config} "
              f"(background_fetch = false); "

@@ -118,20 +118,11 @@ def lazy() -> Iterator[Lazy]:
         config = base / "crfs.toml"
         config.write_text(CONFIG)
         crfs = stack.enter_context(CrfsServer(base / "crfs-root", base / "crfs.sock", ["--config", str(config)]))
-        stack.callback(_stop_layers, crfs.root)
         ctrd = stack.enter_context(Containerd(crfs_address=crfs.address, workdir=base / "ctrd"))
         esgz_sizes, esgz_size = _sizes(registry.host, esgz_ref)
         gzip_sizes, _ = _sizes(registry.host, gzip_ref)
         yield Lazy(base, registry, proxy, crfs, ctrd, f"{proxy.host}/py/app:esgz",
                    f"{proxy.host}/{gzip_ref.split('/', 1)[1]}", {**esgz_sizes, **gzip_sizes}, esgz_size)
-
-
-def _stop_layers(root: Path) -> None:
-    """Layer processes outlive crfs by design; end them with the module."""
-    layers = root / "layers"
-    for name in os.listdir(layers) if layers.is_dir() else []:
-        with contextlib.suppress(mount.MountError):
-            mount.unmount(layers / name, timeout=5.0)
 
 
 @pytest.fixture

@@ -136,17 +136,6 @@ def _env(tmp_path: Path, layer: Layer, gzip_layer: tuple[bytes, str], env: dict[
                 yield e
             finally:
                 e.client.channel.close()
-                _stop_layer_processes(crfs.root)
-
-
-def _stop_layer_processes(root: Path) -> None:
-    """The layer processes outlive crfs by design: end them with the test."""
-    layers = root / "layers"
-    if not layers.is_dir():
-        return
-    for name in os.listdir(layers):
-        with contextlib.suppress(mount.MountError):
-            mount.unmount(layers / name, timeout=5.0)
 
 
 @pytest.fixture
@@ -391,7 +380,6 @@ def test_a_private_registry_is_read_with_the_docker_config_credentials(tmp_path:
                 assert (mountpoint / "etc/hello.txt").read_bytes() == FILES["etc/hello.txt"]
             finally:
                 client.channel.close()
-                _stop_layer_processes(crfs.root)
 
 
 def test_mirrors_fetch_cap_and_memory_cap_come_from_the_crfs_config(tmp_path: Path, layer: Layer, gzip_layer: tuple[bytes, str]) -> None:
@@ -419,7 +407,6 @@ mount_memory_limit_mib = 300
                 assert (env.mountpoint() / "etc/hello.txt").read_bytes() == FILES["etc/hello.txt"]
             finally:
                 env.client.channel.close()
-                _stop_layer_processes(crfs.root)
 
 
 def test_a_bad_registry_section_is_a_clear_config_error(tmp_path: Path) -> None:
@@ -490,4 +477,3 @@ def test_the_images_next_layers_are_mounted_ahead_and_claimed_by_their_own_prepa
                 assert mount.is_mounted(early[0]) and _pid(early[0]) == pid
             finally:
                 env.client.channel.close()
-                _stop_layer_processes(crfs.root)

@@ -3,6 +3,8 @@ and for benchmarks that talk to the gRPC service directly."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -79,9 +81,20 @@ class CrfsServer(Managed):
             return HarnessError(f"crfs: {message} (never started)")
         return self.daemon.fail(message)
 
+    def stop_layer_mounts(self) -> None:
+        """Unmount every lazily mounted layer under ROOT/layers and wait for
+        its process to end: they outlive ``crfs serve`` by design."""
+        from lazyfs import mount  # noqa: PLC0415
+
+        layers = self.root / "layers"
+        for name in sorted(os.listdir(layers)) if layers.is_dir() else []:
+            with contextlib.suppress(mount.MountError):
+                mount.unmount(layers / name, timeout=5.0)
+
     def _start(self) -> None:
         self.start()
 
     def _stop(self) -> None:
         self.stop()
+        self.stop_layer_mounts()
         unmount_all(self.root)

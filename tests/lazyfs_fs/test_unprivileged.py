@@ -15,7 +15,6 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-import pytest
 
 SOURCE_TREE = Path(__file__).resolve().parents[2]
 NOBODY = 65534
