@@ -55,11 +55,10 @@ from registry.faultproxy import FaultProxy  # noqa: E402
 
 CMD = ("python3", "-c", 'print("hello")')
 SHOWN_CMD = shlex.join(CMD)
-# Background fetch (on by default: after mounting a layer, crfs fetches the
-# rest of it at up to 16 MiB/s) is off here, as in tests/test_lazy_pull.py,
-# so that the bytes counted are those the container needed. Left on, it
-# starts at the mount, during the pull: on this loopback registry most of
-# the image would be fetched by the first output, whatever the container read.
+# Background fetch (on by default: from 2 s after mounting a layer, when
+# reads pause, crfs fetches the rest of it, one layer at a time, at up to
+# 16 MiB/s) is off here, as in tests/test_lazy_pull.py, so that the bytes
+# counted are those the container needed.
 CONFIG = """\
 # crfs serve --config, for the demo (the defaults but background_fetch)
 remote_snapshots = true
@@ -211,7 +210,7 @@ def table(rows: list[Row]) -> None:
     print("first output: from the start of the pull to the container's first output line.\n"
           "registry served: blob bytes the registry had sent by then (config included), counted by the proxy.\n"
           "crfs runs with background_fetch = false here, so the lazy row's bytes are what python3 read; with\n"
-          "the default (true) crfs also fetches the rest of each layer, at up to 16 MiB/s, from the mount on.\n"
+          "the default (true) crfs then fetches the rest of each layer in the background, when reads pause.\n"
           "The registry is on loopback, where downloading is nearly free: over a real network the ordinary\n"
           "pull's time grows with the image's size, the lazy pull's with what the container reads.", flush=True)
 
