@@ -1,27 +1,40 @@
 #!/usr/bin/env bash
-# Builds the realistic test images the end-to-end tests use, from Debian
-# packages, into a fixed cache directory (run as root; setup.sh calls it).
+# Builds the realistic test images the end-to-end tests and the hello-bench
+# use, from Debian packages, into a fixed cache directory (run as root;
+# setup.sh builds python, bench/hello/run.py builds gcc on first use).
 #
 #   python  Debian 12 minbase + python3, an OCI image layout with 3 layers:
 #             1. the debootstrap --variant=minbase system (apt lists/caches removed)
 #             2. python3 and its libraries (apt-get install in a chroot)
 #             3. the app: /app/hello.py
 #           config: Cmd ["python3", "/app/hello.py"], Env PATH and LANG.
+#   gcc     the same with gcc and libc6-dev in layer 2 and /app/hello.c in
+#           layer 3; Cmd compiles and runs it.
 #
-# Where: ${CRFS_IMAGE_CACHE:-/var/cache/crfs/images}/python/oci, tag "python"
-# (tests/harness/pyimage.py looks there). Idempotent: a complete image (the
+# Where: ${CRFS_IMAGE_CACHE:-/var/cache/crfs/images}/IMAGE/oci, tag IMAGE
+# (tests/harness/pyimage.py looks there for python). Idempotent: a complete image (the
 # "complete" marker, written last) is reused; --force rebuilds it. Atomic:
 # built in a temp dir beside the cache entry and renamed into place.
 #
-#   usage: scripts/build-images.sh [--force]
+#   usage: scripts/build-images.sh [--force] [python|gcc]   (default python)
 set -euo pipefail
 
 CACHE=${CRFS_IMAGE_CACHE:-/var/cache/crfs/images}
 SUITE=bookworm
-TAG=python
-DEST=$CACHE/python
 FORCE=0
-[ "${1:-}" = --force ] && FORCE=1
+TAG=python
+for arg in "$@"; do
+  case $arg in
+    --force) FORCE=1 ;;
+    python|gcc) TAG=$arg ;;
+    *) echo "build-images.sh: unknown argument $arg (usage: [--force] [python|gcc])" >&2; exit 2 ;;
+  esac
+done
+DEST=$CACHE/$TAG
+case $TAG in
+  python) PACKAGES="python3" ;;
+  gcc) PACKAGES="gcc libc6-dev" ;;
+esac
 
 log() { echo "build-images: $*" >&2; }
 
@@ -32,7 +45,7 @@ fi
 
 complete() { [ -f "$DEST/complete" ] && [ -f "$DEST/oci/index.json" ]; }
 if [ "$FORCE" = 0 ] && complete; then
-  log "python image already in $DEST (use --force to rebuild)"
+  log "$TAG image already in $DEST (use --force to rebuild)"
   exit 0
 fi
 
@@ -75,14 +88,14 @@ mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
 if [ "$FORCE" = 0 ] && complete; then
-  log "python image already in $DEST (built while waiting for the lock)"
+  log "$TAG image already in $DEST (built while waiting for the lock)"
   exit 0
 fi
 # Left by a build that was killed (we hold the lock: none is running).
-for stale in "$CACHE"/.python.build.* "$CACHE"/.python.old.*; do
+for stale in "$CACHE"/.$TAG.build.* "$CACHE"/.$TAG.old.*; do
   [ -e "$stale" ] && remove_build_dir "$stale"
 done
-WORK=$(mktemp -d "$CACHE/.python.build.XXXXXX")
+WORK=$(mktemp -d "$CACHE/.$TAG.build.XXXXXX")
 ROOTFS=$WORK/bundle/rootfs
 MOUNTED=()
 
@@ -136,7 +149,7 @@ repack() {  # one new layer with what changed in the rootfs since the last one
 }
 
 start=$(date +%s)
-log "building the python image in $WORK (mirror $MIRROR)"
+log "building the $TAG image in $WORK (mirror $MIRROR)"
 umoci init --layout "$WORK/oci"
 umoci new --image "$WORK/oci:$TAG"
 umoci unpack --image "$WORK/oci:$TAG" "$WORK/bundle" >/dev/null
@@ -148,35 +161,42 @@ clean_rootfs
 repack "debootstrap --variant=minbase $SUITE"
 log "layer 1 (minbase) done after $(( $(date +%s) - start )) s"
 
-# Layer 2: python3, installed with apt in a chroot.
+# Layer 2: the image's packages, installed with apt in a chroot.
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
 mount_chroot
 in_chroot apt-get update -qq
-in_chroot apt-get install -y -qq --no-install-recommends python3 > "$WORK/apt.log" 2>&1 \
+in_chroot apt-get install -y -qq --no-install-recommends $PACKAGES > "$WORK/apt.log" 2>&1 \
   || { tail -n 30 "$WORK/apt.log" >&2; exit 1; }
 in_chroot apt-get clean
 unmount_chroot
 clean_rootfs
-repack "apt-get install --no-install-recommends python3"
-log "layer 2 (python3) done after $(( $(date +%s) - start )) s"
+repack "apt-get install --no-install-recommends $PACKAGES"
+log "layer 2 ($PACKAGES) done after $(( $(date +%s) - start )) s"
 
 # Layer 3: a small app.
 mkdir -p "$ROOTFS/app"
-cat > "$ROOTFS/app/hello.py" <<'EOF'
-import platform
-import sys
+if [ "$TAG" = python ]; then
+  APP=hello.py
+  CMD=(python3 /app/hello.py)
+  printf '%s\n' 'import platform' 'import sys' '' \
+    'print(f"hello from python {platform.python_version()} on {sys.platform}")' > "$ROOTFS/app/$APP"
+else
+  APP=hello.c
+  CMD=(sh -c 'gcc -o /tmp/hello /app/hello.c && /tmp/hello')
+  printf '%s\n' '#include <stdio.h>' '' 'int main(void) {' \
+    '    printf("hello from gcc %d.%d\n", __GNUC__, __GNUC_MINOR__);' '    return 0;' '}' > "$ROOTFS/app/$APP"
+fi
+chmod 0644 "$ROOTFS/app/$APP"
+repack "COPY $APP /app/$APP"
 
-print(f"hello from python {platform.python_version()} on {sys.platform}")
-EOF
-chmod 0644 "$ROOTFS/app/hello.py"
-repack "COPY hello.py /app/hello.py"
-
+cmd_args=()
+for word in "${CMD[@]}"; do cmd_args+=(--config.cmd "$word"); done
 umoci config --image "$WORK/oci:$TAG" \
   --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   --config.env LANG=C.UTF-8 \
-  --config.cmd python3 --config.cmd /app/hello.py \
+  "${cmd_args[@]}" \
   --config.workingdir /app \
-  --history.created_by 'CMD ["python3", "/app/hello.py"]'
+  --history.created_by "CMD ${CMD[*]}"
 umoci gc --layout "$WORK/oci"
 
 # Keep only the layout; the bundle was the build area.
@@ -188,11 +208,11 @@ date -u +%Y-%m-%dT%H:%M:%SZ > "$WORK/complete"
 
 # Atomic swap: the old entry (if any) moves aside first, then is deleted.
 if [ -e "$DEST" ]; then
-  old=$(mktemp -d "$CACHE/.python.old.XXXXXX")
+  old=$(mktemp -d "$CACHE/.$TAG.old.XXXXXX")
   mv "$DEST" "$old/"
   rm -rf --one-file-system "$old"
 fi
 chmod 0755 "$WORK"
 mv "$WORK" "$DEST"
 trap - EXIT
-log "python image ready in $DEST/oci:$TAG after $secs s"
+log "$TAG image ready in $DEST/oci:$TAG after $secs s"
