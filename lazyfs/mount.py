@@ -164,44 +164,28 @@ def control_path(mountpoint: str | os.PathLike[str]) -> Path:
 
 def start(
     source: str, mountpoint: str | os.PathLike[str], *, toc_digest: str | None = None,
-    remote: RemoteOptions = RemoteOptions(), timeout: float = START_TIMEOUT, spare: Spare | None = None,
+    remote: RemoteOptions = RemoteOptions(), timeout: float = START_TIMEOUT,
 ) -> int:
-    """Start a detached mount process and wait until it has mounted; its
-    pid. ``spare``: a process started ahead (``SpareMounts``) to use instead
-    of a new one, which saves the interpreter's start-up."""
+    """Start a detached mount process and wait until it has mounted; its pid."""
     mountpoint = os.path.realpath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"{mountpoint} is not a directory")
     control = control_path(mountpoint)
     control.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = control.with_suffix(".log")
-    args = ["--source", source, "--mountpoint", mountpoint, "--control", str(control)]
-    if toc_digest:
-        args += ["--toc-digest", toc_digest]
-    args += remote_args(remote)
-    if spare is not None:
-        return spare.launch(args, log_path, timeout, what=f"mounting {source} at {mountpoint}")
     read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "lazyfs.mount", "--source", source, "--mountpoint", mountpoint,
+           "--control", str(control), "--ready-fd", str(write_fd)]
+    if toc_digest:
+        cmd += ["--toc-digest", toc_digest]
+    cmd += remote_args(remote)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
     try:
         with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(_python_command(["--ready-fd", str(write_fd), *args]), stdin=subprocess.DEVNULL,
-                                    stdout=log_file, stderr=log_file, pass_fds=(write_fd,), start_new_session=True,
-                                    env=_child_env())
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                    pass_fds=(write_fd,), start_new_session=True, env=env)
     finally:
         os.close(write_fd)
-    return _await_ready(proc, read_fd, log_path, timeout, f"mounting {source} at {mountpoint}")
-
-
-def _python_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lazyfs.mount", *args]
-
-
-def _child_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
-
-
-def _await_ready(proc: subprocess.Popen, read_fd: int, log_path: Path, timeout: float, what: str) -> int:
-    """The pid once the process wrote ``ready`` on ``read_fd``; else it is killed."""
     with os.fdopen(read_fd, "rb") as ready:
         line = _read_line(ready, timeout)
     if line == READY:
@@ -209,109 +193,7 @@ def _await_ready(proc: subprocess.Popen, read_fd: int, log_path: Path, timeout: 
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     proc.wait()
-    raise MountError(f"{what} failed:\n{_tail(log_path)}")
-
-
-class Spare:
-    """A mount process started ahead of need: interpreter up, modules
-    imported, waiting on its stdin for what to mount."""
-
-    def __init__(self) -> None:
-        state = state_dir()
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.log_path = state / f"spare-{os.getpid()}-{time.monotonic_ns()}.log"
-        read_fd, write_fd = os.pipe()
-        try:
-            with open(self.log_path, "ab") as log_file:
-                self.proc = subprocess.Popen(_python_command(["--spare", str(self.log_path), "--ready-fd", str(write_fd)]),
-                                             stdin=subprocess.PIPE,
-                                             stdout=log_file, stderr=log_file, pass_fds=(write_fd,),
-                                             start_new_session=True, env=_child_env())
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        self._read_fd = read_fd
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def launch(self, args: list[str], log_path: Path, timeout: float, what: str) -> int:
-        """Hand it a mount's arguments (it then logs to ``log_path``); its
-        pid once mounted."""
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps({"args": args, "log": str(log_path)}).encode() + b"\n")
-            self.proc.stdin.close()
-        except OSError as exc:
-            os.close(self._read_fd)
-            self.discard()
-            raise MountError(f"{what}: the spare mount process is gone ({exc})") from None
-        return _await_ready(self.proc, self._read_fd, log_path, timeout, what)
-
-    def discard(self) -> None:
-        """End an unused spare (it exits on its own when its stdin closes)."""
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        with contextlib.suppress(OSError):
-            os.close(self._read_fd)
-        with contextlib.suppress(FileNotFoundError):
-            self.log_path.unlink()
-
-
-def _become_assigned(spare_log: str, spare_args: list[str]) -> list[str] | None:
-    """A spare: import what a mount needs, wait for its arguments; the
-    whole argument list, or None when the parent went away first (its
-    stdin closed). Its own log goes either way: the mount logs elsewhere."""
-    from . import cache, fetcher, prefetch, remote_layer, remote_source  # noqa: F401, PLC0415 - the point is to import early
-    from .registry import client  # noqa: F401, PLC0415
-
-    line = sys.stdin.buffer.readline()
-    with contextlib.suppress(OSError):
-        os.unlink(spare_log)
-    if not line:
-        return None
-    work = json.loads(line)
-    fd = os.open(work["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    for target in (1, 2):
-        os.dup2(fd, target)
-    os.close(fd)
-    return [*work["args"], *spare_args]
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks (stat field 22): with the
-    pid, it names one process, even after the pid is reused."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[19]
-
-
-def is_mount_process(pid: int, mountpoint: str | os.PathLike[str]) -> bool:
-    """Whether ``pid`` is the lazyfs mount process of ``mountpoint`` (never
-    signal a process on its pid alone: pids get reused). One started from a
-    spare does not carry the mountpoint in its command line; its pid file does."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    if b"lazyfs.mount" not in argv:
-        return False
-    real = os.path.realpath(mountpoint)
-    if os.fsencode(real) in argv:
-        return True
-    try:
-        recorded = control_path(real).with_suffix(".pid").read_text().split()
-        return recorded == [str(pid), _start_time(pid)]
-    except OSError:
-        return False
+    raise MountError(f"mounting {source} at {mountpoint} failed:\n{_tail(log_path)}")
 
 
 def remote_args(remote: RemoteOptions) -> list[str]:
@@ -427,12 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     # A parent may start us with these blocked (crfs serve takes them with
     # sigwait, and children inherit the mask); we must receive them.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--spare"] and len(argv) >= 2:
-        assigned = _become_assigned(argv[1], argv[2:])
-        if assigned is None:
-            return 0
-        argv = assigned
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")
@@ -456,10 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             os.write(args.ready_fd, READY)
             os.close(args.ready_fd)
 
-    pid_file = Path(args.control).with_suffix(".pid") if args.control else None
     try:
-        if pid_file is not None:  # who serves this mountpoint (is_mount_process)
-            pid_file.write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
         serve(layer, args.mountpoint, control=args.control, ready=ready,
               allow_other=False if args.no_allow_other else None, record_access=args.record_access)
     except Exception as exc:  # noqa: BLE001
@@ -467,10 +340,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         layer.close()
-        if pid_file is not None:
-            with contextlib.suppress(OSError):
-                if pid_file.read_text().split()[:1] == [str(os.getpid())]:
-                    pid_file.unlink()
     return 0
 
 

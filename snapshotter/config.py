@@ -60,10 +60,6 @@ class Config:
     # starts mounting them at once, in parallel, and keeps each such early
     # mount this many seconds for its own Prepare before letting it go.
     premount_hold: float = 60.0
-    # Layer mount processes kept started ahead (interpreter up, modules
-    # imported), so that mounting a layer skips ~0.3-0.5 s of start-up; each
-    # idle one costs ~30 MiB. 0: start each when needed.
-    spare_mount_processes: int = 0
     # Seconds between health checks of the layer mount processes.
     mount_check_interval: float = 1.0
     # On SIGTERM, unmount every layer (else they keep serving running
@@ -112,7 +108,7 @@ class Config:
                 except RegistryConfigError as exc:
                     raise ConfigError(str(exc)) from None
             elif isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool):
-                if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("read_around_kib", "spare_mount_processes") else 1):
+                if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "read_around_kib" else 1):
                     raise ConfigError(f"{source}: {name} must be a positive integer")
             elif isinstance(getattr(self, name), bool):
                 if not isinstance(value, bool):

@@ -107,8 +107,7 @@ def _layer_mounts(cfg: Config, stack: ExitStack) -> Optional[LayerMounts]:
     ``unmount_on_stop``."""
     if not cfg.remote_snapshots:
         return None
-    supervisor = MountSupervisor(poll_interval=cfg.mount_check_interval, start_timeout=cfg.remote_mount_timeout,
-                                 spares=cfg.spare_mount_processes)
+    supervisor = MountSupervisor(poll_interval=cfg.mount_check_interval, start_timeout=cfg.remote_mount_timeout)
     stack.callback(lambda: supervisor.close(unmount_all=cfg.unmount_on_stop))
     registry_config = None
     if cfg.registry:

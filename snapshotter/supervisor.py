@@ -73,61 +73,6 @@ from lazyfs.layer_source import RemoteOptions
 log = logging.getLogger(__name__)
 
 
-class SpareMounts:
-    """Mount processes started ahead of need (``lazyfs.mount.Spare``), so
-    that mounting a layer does not wait for an interpreter to start and
-    import (~0.3-0.5 s here): ``take`` hands one over and a replacement is
-    started in the background. A spare whose crfs is gone exits on its own."""
-
-    def __init__(self, count: int) -> None:
-        self._count = count
-        self._ready: list[mount.Spare] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._refill()
-
-    def take(self) -> mount.Spare | None:
-        with self._lock:
-            while self._ready:
-                spare = self._ready.pop()
-                if spare.alive():
-                    break
-                spare.discard()
-            else:
-                spare = None
-        threading.Thread(target=self._refill, name="crfs-spare-mounts", daemon=True).start()
-        return spare
-
-    def pids(self) -> list[int]:
-        """The processes waiting to be used."""
-        with self._lock:
-            return [spare.proc.pid for spare in self._ready]
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            spares, self._ready = self._ready, []
-        for spare in spares:
-            spare.discard()
-
-    def _refill(self) -> None:
-        with self._lock:
-            missing = 0 if self._closed else self._count - len(self._ready)
-        for _ in range(missing):
-            try:
-                spare = mount.Spare()
-            except OSError as exc:
-                log.warning("cannot start a spare mount process: %s", exc)
-                return
-            with self._lock:
-                surplus = self._closed or len(self._ready) >= self._count  # another refill was quicker
-                if not surplus:
-                    self._ready.append(spare)
-            if surplus:
-                spare.discard()
-                return
-
-
 class SupervisorError(Exception):
     """A layer mount could not be started, adopted or stopped, or the
     supervisor was used wrongly (closed, unknown digest, mountpoint clash)."""
@@ -168,7 +113,7 @@ class MountSupervisor:
     def __init__(
         self, *, poll_interval: float = 1.0, backoff_initial: float = 0.5, backoff_max: float = 30.0,
         unresponsive_limit: int = 3, status_timeout: float = 2.0, start_timeout: float = mount.START_TIMEOUT,
-        watch: bool = True, spares: int = 0,
+        watch: bool = True,
     ) -> None:
         self.poll_interval = poll_interval
         self.backoff_initial = backoff_initial
@@ -176,7 +121,6 @@ class MountSupervisor:
         self.unresponsive_limit = unresponsive_limit
         self.status_timeout = status_timeout
         self.start_timeout = start_timeout
-        self._spares = SpareMounts(spares) if spares > 0 else None
         self._lock = threading.Lock()
         self._mounts: dict[str, _Mount] = {}
         self._closed = False
@@ -274,10 +218,6 @@ class MountSupervisor:
                 raise SupervisorError(f"layer {layer_digest} is not acquired")
         self._drop_ref(m)
 
-    def spare_pids(self) -> list[int]:
-        """Mount processes started ahead and not yet used."""
-        return self._spares.pids() if self._spares is not None else []
-
     def health(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
         with self._lock:
@@ -310,8 +250,6 @@ class MountSupervisor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._spares is not None:
-            self._spares.close()
         if unmount_all:
             with self._lock:
                 mounts = list(self._mounts.values())
@@ -382,9 +320,7 @@ class MountSupervisor:
 
     def _start(self, m: _Mount) -> int:
         try:
-            spare = self._spares.take() if self._spares is not None else None
-            pid = mount.start(m.source, m.mountpoint, toc_digest=m.toc_digest, remote=m.remote, timeout=self.start_timeout,
-                              spare=spare)
+            pid = mount.start(m.source, m.mountpoint, toc_digest=m.toc_digest, remote=m.remote, timeout=self.start_timeout)
         except (mount.MountError, OSError) as exc:
             m.last_error, m.last_error_at = f"mount failed: {exc}", time.time()
             raise SupervisorError(f"cannot mount layer {m.digest} at {m.mountpoint}: {exc}") from exc
@@ -409,7 +345,12 @@ class MountSupervisor:
     def _is_lazyfs(pid: int, mountpoint: str) -> bool:
         """Whether ``pid`` is a lazyfs mount process serving ``mountpoint``
         (pids get reused: never signal a process on the pid alone)."""
-        return mount.is_mount_process(pid, mountpoint)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            return False
+        return b"lazyfs.mount" in args and os.fsencode(mountpoint) in args
 
     def _healthy(self, mountpoint: str, pid: int) -> bool:
         if not (mount.is_alive(pid) and self._is_lazyfs(pid, mountpoint)):

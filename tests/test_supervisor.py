@@ -296,30 +296,3 @@ def test_concurrent_acquire_and_release_share_one_process(blob, tmp_path, superv
         t.join()
     assert not mount.is_mounted(mnt) and DIGEST not in sup.health()
     _wait(lambda: _gone(pids[0]), 5, "the process to exit")
-
-
-def test_spare_processes_mount_layers_and_are_ended_with_the_supervisor(blob, tmp_path, supervisors) -> None:
-    """A spare (started ahead, modules imported) serves the next mount; it is
-    recognised as that mount's process by its pid file (its command line
-    does not name the mountpoint), restarted like any other, and spares
-    left unused end with the supervisor."""
-    sup = _sup(supervisors, spares=1)
-    _wait(lambda: len(sup.spare_pids()) == 1, 10, "a spare")
-    [spare] = sup.spare_pids()
-    mnt = _mnt(tmp_path)
-    handle = sup.acquire(DIGEST, str(blob[0]), mnt, blob[1], RemoteOptions())
-    assert handle.pid == spare
-    assert b"--spare" in Path(f"/proc/{spare}/cmdline").read_bytes().split(b"\0")
-    assert mount.is_mount_process(spare, mnt) and not mount.is_mount_process(spare, tmp_path)
-    assert mount.status(mnt)["pid"] == spare
-    _check_bytes(mnt)
-    _wait(lambda: len(sup.spare_pids()) == 1 and sup.spare_pids() != [spare], 10, "a new spare")
-    os.kill(spare, signal.SIGKILL)
-    _wait(lambda: sup.health()[DIGEST]["restarts"] == 1 and sup.health()[DIGEST]["state"] == "running", 15, "the restart")
-    _check_bytes(mnt)
-    left = sup.spare_pids()
-    sup.release(DIGEST)
-    assert not mount.is_mounted(mnt)
-    sup.close()
-    for pid in left + sup.spare_pids():
-        _wait(lambda pid=pid: _gone(pid), 10, f"spare {pid} to exit")
