@@ -28,7 +28,6 @@ what failed, on any failure.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
@@ -42,15 +41,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import HarnessError, require_binary, temp_workdir  # noqa: E402
+from harness import HarnessError, require_binary  # noqa: E402
 from harness.containerd import Containerd  # noqa: E402
 from harness.crfs import CrfsServer  # noqa: E402
+from harness.fixtures import blob_sizes, lazy_stack  # noqa: E402
 from harness.flow import CRFS, remove_image, wait_clean  # noqa: E402
 from harness.images import push_image  # noqa: E402
 from harness.mounts import mounts_under  # noqa: E402
 from harness.pyimage import python_image  # noqa: E402
-from harness.registry import Registry  # noqa: E402
-from lazyfs.registry import RegistryClient  # noqa: E402
 from registry.faultproxy import FaultProxy  # noqa: E402
 
 CMD = ("python3", "-c", 'print("hello")')
@@ -105,10 +103,9 @@ class Counter:
 
     def learn(self, ref: str) -> int:
         """Record the sizes of ``ref``'s blobs; returns its layers' total."""
-        with RegistryClient() as client:
-            manifest = client.repository(ref).get_manifest(ref.rsplit(":", 1)[1])
-        self.blob_sizes.update({d.digest: d.size for d in [manifest.config, *manifest.layers]})
-        return sum(d.size for d in manifest.layers)
+        sizes, layers_total = blob_sizes(ref)
+        self.blob_sizes.update(sizes)
+        return layers_total
 
     def served(self) -> int:
         return self.proxy.blob_bytes(self.blob_sizes)
@@ -232,15 +229,9 @@ def chroot_run(esgz: str, work: Path, counter: Counter, size: int) -> None:
 
 def main() -> int:
     image = python_image()
-    with contextlib.ExitStack() as stack:
-        work = stack.enter_context(temp_workdir("crfs-demo-"))
-        registry = stack.enter_context(Registry(work / "registry"))
-        proxy = stack.enter_context(FaultProxy(registry.host))
-        config = work / "crfs.toml"
-        config.write_text(CONFIG)
-        crfs = stack.enter_context(CrfsServer(work / "crfs-root", work / "crfs.sock", ["--config", str(config)]))
-        ctrd = stack.enter_context(Containerd(crfs_address=crfs.address, workdir=work / "ctrd"))
-        step(f"registry {registry.host} behind a counting proxy {proxy.host}; crfs serve --config {config} "
+    with lazy_stack(CONFIG, "crfs-demo-") as stack:
+        work, registry, proxy, crfs, ctrd = stack.workdir, stack.registry, stack.proxy, stack.crfs, stack.containerd
+        step(f"registry {registry.host} behind a counting proxy {proxy.host}; crfs serve --config {work / 'crfs.toml'} "
              f"(background_fetch = false); "
              f"containerd {ctrd.address} with crfs as its proxy snapshotter")
 

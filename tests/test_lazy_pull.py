@@ -30,13 +30,12 @@ import pytest
 from harness import images
 from harness.containerd import Containerd
 from harness.crfs import CrfsServer
-from harness.fixtures import temp_workdir
+from harness.fixtures import blob_sizes, lazy_stack
 from harness.flow import wait_clean
 from harness.mounts import mounts_under
 from harness.pyimage import python_image
 from harness.registry import Registry
 from lazyfs import mount
-from lazyfs.registry import RegistryClient
 from registry.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.e2e
@@ -97,32 +96,18 @@ class Lazy:
         self.ctrd.gc()
 
 
-def _sizes(host: str, repo_ref: str) -> tuple[dict[str, int], int]:
-    with RegistryClient() as client:
-        repo = client.repository(repo_ref)
-        manifest = repo.get_manifest(repo_ref.rsplit(":", 1)[1])
-    sizes = {d.digest: d.size for d in [manifest.config, *manifest.layers]}
-    return sizes, sum(d.size for d in manifest.layers)
-
-
 @pytest.fixture(scope="module")
 def lazy() -> Iterator[Lazy]:
     image = python_image()
-    with contextlib.ExitStack() as stack:
-        base = stack.enter_context(temp_workdir("crfs-lazy-"))
-        registry = stack.enter_context(Registry(base / "registry"))
+    with lazy_stack(CONFIG) as stack:
+        registry = stack.registry
         gzip_ref = images.push_image(image, registry.host, "py/app")
         esgz_ref = f"{registry.host}/py/app:esgz"
         subprocess.run(["crfs", "convert", gzip_ref, esgz_ref], check=True, capture_output=True, timeout=600)
-        proxy = stack.enter_context(FaultProxy(registry.host))
-        config = base / "crfs.toml"
-        config.write_text(CONFIG)
-        crfs = stack.enter_context(CrfsServer(base / "crfs-root", base / "crfs.sock", ["--config", str(config)]))
-        ctrd = stack.enter_context(Containerd(crfs_address=crfs.address, workdir=base / "ctrd"))
-        esgz_sizes, esgz_size = _sizes(registry.host, esgz_ref)
-        gzip_sizes, _ = _sizes(registry.host, gzip_ref)
-        yield Lazy(base, registry, proxy, crfs, ctrd, f"{proxy.host}/py/app:esgz",
-                   f"{proxy.host}/{gzip_ref.split('/', 1)[1]}", {**esgz_sizes, **gzip_sizes}, esgz_size)
+        esgz_sizes, esgz_size = blob_sizes(esgz_ref)
+        gzip_sizes, _ = blob_sizes(gzip_ref)
+        yield Lazy(stack.workdir, registry, stack.proxy, stack.crfs, stack.containerd, f"{stack.proxy.host}/py/app:esgz",
+                   f"{stack.proxy.host}/{gzip_ref.split('/', 1)[1]}", {**esgz_sizes, **gzip_sizes}, esgz_size)
 
 
 @pytest.fixture

@@ -12,12 +12,15 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from .containerd import Containerd
 from .crfs import CrfsServer
 from .mounts import remove_tree
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from registry.faultproxy import FaultProxy
 
 
 @dataclass
@@ -61,3 +64,42 @@ def containerd_stack(with_crfs: bool = True, workdir: Optional[Path] = None) -> 
             Containerd(crfs_address=server.address if server else None, workdir=base / "ctrd")
         )
         yield Stack(base, registry, containerd, server)
+
+
+@dataclass
+class LazyStack:
+    """A registry behind a counting proxy (``registry.faultproxy``), crfs
+    with a config file, and a containerd using crfs: a lazy pull's parts."""
+
+    workdir: Path
+    registry: Registry
+    proxy: FaultProxy
+    crfs: CrfsServer
+    containerd: Containerd
+
+
+@contextmanager
+def lazy_stack(crfs_config: str, prefix: str = "crfs-lazy-") -> Iterator[LazyStack]:
+    """Everything started here is stopped and removed on exit (the layer
+    processes crfs leaves with it)."""
+    from registry.faultproxy import FaultProxy  # noqa: PLC0415 - tests/registry, on the same path
+
+    with ExitStack() as stack:
+        base = stack.enter_context(temp_workdir(prefix))
+        registry = stack.enter_context(Registry(base / "registry"))
+        proxy = stack.enter_context(FaultProxy(registry.host))
+        config = base / "crfs.toml"
+        config.write_text(crfs_config)
+        crfs = stack.enter_context(CrfsServer(base / "crfs-root", base / "crfs.sock", ["--config", str(config)]))
+        containerd = stack.enter_context(Containerd(crfs_address=crfs.address, workdir=base / "ctrd"))
+        yield LazyStack(base, registry, proxy, crfs, containerd)
+
+
+def blob_sizes(ref: str) -> tuple[dict[str, int], int]:
+    """Sizes of the config and layer blobs of ``ref`` (host/repo:tag), and
+    the layers' total: what a byte count through the proxy needs."""
+    from lazyfs.registry import RegistryClient  # noqa: PLC0415
+
+    with RegistryClient() as client:
+        manifest = client.repository(ref).get_manifest(ref.rsplit(":", 1)[1])
+    return {d.digest: d.size for d in [manifest.config, *manifest.layers]}, sum(d.size for d in manifest.layers)
