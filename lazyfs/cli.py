@@ -18,7 +18,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from lazyfs.convert import ConvertError, Converter, ConvertOptions, LayerProgress, open_store
+from lazyfs.convert import ConvertError, Converter, ConvertOptions, LayerProgress, open_store, read_paths
 from lazyfs.ocilayout import LayoutError
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.config import RegistryConfig
@@ -182,7 +182,7 @@ def _convert(args: argparse.Namespace) -> int:
     prioritized = list(args.prioritize)
     if args.prioritize_file:
         with args.prioritize_file as f:
-            prioritized += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            prioritized += read_paths(f)
     try:
         platform = Platform.parse(args.platform) if args.platform else None
     except ValueError as exc:

@@ -21,7 +21,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Protocol
+from typing import BinaryIO, Callable, Iterable, Optional, Protocol
 
 from .ocilayout import OciLayout, parse_oci_ref
 from .registry.client import RegistryClient, Repository
@@ -52,6 +52,12 @@ CONVERTIBLE_LAYERS = frozenset(
     }
 )
 MAX_CONFIG_BYTES = 8 << 20
+
+
+def read_paths(lines: Iterable[str]) -> list[str]:
+    """Paths to prioritize, one per line (a ``--prioritize-file`` or a
+    ``crfs optimize`` profile); blank lines and ``#`` comments skipped."""
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 class ConvertError(Exception):

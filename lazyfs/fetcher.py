@@ -142,9 +142,10 @@ class RemoteChunks:
         layout: Sequence[ChunkRef] = (),
     ) -> None:
         self.source = source
-        # every chunk of the layer in blob order, for read-around (empty: none)
-        self._layout = sorted(layout, key=lambda c: c.blob_offset)
-        self._layout_offsets = [c.blob_offset for c in self._layout]
+        # every chunk of the layer in blob order (``prefetch.layer_chunks``),
+        # for read-around and the prefetcher (empty: none)
+        self.layout = tuple(layout)
+        self._layout_offsets = [c.blob_offset for c in self.layout]
         self.slots = slots  # the host-wide cap on requests in flight, if any
         self.blob_digest = blob_digest
         self.cache = cache
@@ -165,7 +166,7 @@ class RemoteChunks:
         deadline = time.monotonic() + self.config.deadline
         with self._foreground():
             waits, owned = self._claim(chunks)
-            if owned and self._layout and self.config.read_around > 0:
+            if owned and self.layout and self.config.read_around > 0:
                 for chunk, fut in self._claim_around(owned):
                     owned.append(chunk)
                     waits[chunk_key(chunk)] = fut
@@ -194,11 +195,11 @@ class RemoteChunks:
         """Verify and cache every chunk lying wholly in ``data`` (blob bytes
         at ``offset``, fetched for another reason: the tail read when the
         layer was opened) instead of throwing them away; how many."""
-        if self.cache is None or not self._layout:
+        if self.cache is None or not self.layout:
             return 0
         kept = 0
         end = offset + len(data)
-        for chunk in self._layout[bisect.bisect_left(self._layout_offsets, offset):]:
+        for chunk in self.layout[bisect.bisect_left(self._layout_offsets, offset):]:
             off, length = chunk.compressed_range
             if off + length > end:
                 break
@@ -307,8 +308,8 @@ class RemoteChunks:
         for span in plan_spans(owned, self.config.gap, None):
             i = bisect.bisect_right(self._layout_offsets, span.chunks[-1].blob_offset)
             end = span.end
-            while i < len(self._layout) and budget > 0:
-                chunk = self._layout[i]
+            while i < len(self.layout) and budget > 0:
+                chunk = self.layout[i]
                 off, length = chunk.compressed_range
                 if off - end > self.config.gap or length > budget:
                     break

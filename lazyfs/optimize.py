@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shlex
 import signal
@@ -28,11 +27,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import image_mount, mount
-from .convert import ConvertOptions, Converter, open_store
+from .convert import ConvertOptions, Converter, open_store, read_paths
 from .layer_source import RemoteOptions
 from .registry.client import RegistryClient
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -51,7 +48,7 @@ class RunResult:
 def read_profile(path: str | os.PathLike[str]) -> list[str]:
     """Paths from a profile file (``#`` comments and blank lines skipped)."""
     with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        return read_paths(f)
 
 
 def write_profile(path: str | os.PathLike[str], paths: Sequence[str], command: Sequence[str]) -> None:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from .chunks import ChunkUnavailable
 from .fetcher import ChunkKey, RemoteChunks, chunk_key, plan_spans
@@ -86,12 +86,13 @@ def layer_chunks(toc: Toc) -> list[ChunkRef]:
     return sorted(seen.values(), key=lambda c: c.blob_offset)
 
 
-def prioritized_chunks(toc: Toc) -> list[ChunkRef]:
-    """The chunks before the ``.prefetch.landmark`` (none without one)."""
+def prioritized_chunks(toc: Toc, chunks: Sequence[ChunkRef] | None = None) -> list[ChunkRef]:
+    """The chunks before the ``.prefetch.landmark`` (none without one);
+    ``chunks``: ``layer_chunks(toc)`` if the caller has it already."""
     limit = toc.prefetch_size
     if limit is None:
         return []
-    return [c for c in layer_chunks(toc) if c.blob_offset < limit]
+    return [c for c in (layer_chunks(toc) if chunks is None else chunks) if c.blob_offset < limit]
 
 
 class Prefetcher:
@@ -103,8 +104,8 @@ class Prefetcher:
         self.remote = remote
         self.config = config
         self.slots = slots  # the host-wide background slot(s), if any
-        self._chunks = layer_chunks(toc)
-        self._priority = prioritized_chunks(toc)
+        self._chunks = list(remote.layout) or layer_chunks(toc)  # the fetcher's, when it has them
+        self._priority = prioritized_chunks(toc, self._chunks)
         self._total = sum(c.size for c in self._chunks)
         self._local: set[ChunkKey] = set()
         self._lock = threading.Lock()

@@ -108,8 +108,9 @@ class Config:
                 except RegistryConfigError as exc:
                     raise ConfigError(str(exc)) from None
             elif isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool):
-                if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "read_around_kib" else 1):
-                    raise ConfigError(f"{source}: {name} must be a positive integer")
+                least = 0 if name == "read_around_kib" else 1
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ConfigError(f"{source}: {name} must be {'a positive integer' if least else 'an integer >= 0'}")
             elif isinstance(getattr(self, name), bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{source}: {name} must be true or false")

@@ -200,9 +200,6 @@ class LayerMounts:
             swept.append(digest)
         return swept
 
-    def health(self) -> dict[str, dict]:
-        return self._supervisor.health()
-
     def _remove_dir(self, digest: str) -> None:
         try:
             self.mountpoint(digest).rmdir()

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from lazyfs.layer_source import REGISTRY_SCHEME
+from lazyfs.registry.digest import is_digest
 from lazyfs.registry.errors import InvalidReference
 from lazyfs.registry.reference import parse_reference
 
@@ -26,7 +28,6 @@ IMAGE_LAYERS_LABEL = "containerd.io/snapshot/cri.image-layers"
 TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
 # set on the snapshots crfs commits itself (the stargz-snapshotter's name)
 REMOTE_LABEL = "containerd.io/snapshot/remote"
-REGISTRY_SCHEME = "registry://"  # lazyfs's source for a registry blob
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class LayerRequest:
 
 
 def _is_digest(text: str) -> bool:
-    algo, sep, hexpart = text.partition(":")
-    return algo == "sha256" and sep == ":" and len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
+    """A well-formed sha256 digest: what lazyfs mounts from a registry."""
+    return text.startswith("sha256:") and is_digest(text)
 
 
 def layer_request(labels: Mapping[str, str]) -> Optional[LayerRequest]:

@@ -157,7 +157,7 @@ class Snapshotter:
                 if existing is None:
                     name = request.target
                     if tx.find(name) is not None:  # taken by a chain with another parent
-                        name = f"{request.target}@{len(tx.ids())}-{os.urandom(4).hex()}"
+                        name = f"{request.target}@{os.urandom(8).hex()}"
                     tx.create_remote(name, parent, {**labels, REMOTE_LABEL: "remote snapshot"}, request.layer)
                     self._crash_point("remote:before-commit")
         except BaseException:

@@ -163,8 +163,7 @@ class MountSupervisor:
             if m.pid is not None or m.state != "starting":
                 return MountHandle(layer_digest, m.mountpoint, m.pid or 0)  # already ours
             if not pid:  # not recorded: whoever answers at the mountpoint
-                with contextlib.suppress(mount.MountError, ValueError, AttributeError):
-                    pid = int(mount.status(m.mountpoint, timeout=self.status_timeout).get("pid") or 0)
+                pid = self._serving_pid(m.mountpoint, self.status_timeout)
             if pid and self._healthy(m.mountpoint, pid):
                 m.pid, m.adopted, m.state = pid, True, "running"
                 log.info("adopted %s at %s (pid %d)", layer_digest, m.mountpoint, pid)
@@ -202,13 +201,7 @@ class MountSupervisor:
         with self._lock:
             if any(m.mountpoint == real and not m.closing for m in self._mounts.values()):
                 raise SupervisorError(f"{real} is in use")
-        pid = None
-        with contextlib.suppress(mount.MountError, ValueError, AttributeError):
-            pid = int(mount.status(real, timeout=1.0).get("pid") or 0)
-        with contextlib.suppress(mount.MountError):
-            mount.unmount(real, timeout=5.0)
-        self._kill_leftover(real, pid)
-        self._clear_mount(real)
+        self._take_down(real, self._serving_pid(real, 1.0))
 
     def release(self, layer_digest: str) -> None:
         """-1 reference; the last one unmounts the layer and stops its process."""
@@ -332,14 +325,25 @@ class MountSupervisor:
         m.state = "stopping"
         pid, m.pid = m.pid, None
         try:
-            with contextlib.suppress(mount.MountError):
-                mount.unmount(m.mountpoint, timeout=5.0)
-            self._kill_leftover(m.mountpoint, pid)
-            self._clear_mount(m.mountpoint)
+            self._take_down(m.mountpoint, pid)
         finally:
             m.state = "stopped"
         if mount.is_mounted(m.mountpoint):
             raise SupervisorError(f"{m.mountpoint} is still mounted")
+
+    def _take_down(self, mountpoint: str, pid: int | None) -> None:
+        """Unmount, end what is left of the process, clear a stale mount."""
+        with contextlib.suppress(mount.MountError):
+            mount.unmount(mountpoint, timeout=5.0)
+        self._kill_leftover(mountpoint, pid)
+        self._clear_mount(mountpoint)
+
+    @staticmethod
+    def _serving_pid(mountpoint: str, timeout: float) -> int | None:
+        """The pid the status socket of ``mountpoint`` names, if one answers."""
+        with contextlib.suppress(mount.MountError, ValueError, AttributeError, TypeError):
+            return int(mount.status(mountpoint, timeout=timeout).get("pid") or 0) or None
+        return None
 
     @staticmethod
     def _is_lazyfs(pid: int, mountpoint: str) -> bool:

@@ -17,7 +17,7 @@ _DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
 
 def parse_digest(digest: str) -> str:
     """Return ``digest`` unchanged if well formed, else raise InvalidReference."""
-    m = _DIGEST_RE.match(digest)
+    m = _DIGEST_RE.fullmatch(digest)  # not .match: "$" would let a trailing newline through
     if not m or len(m.group(2)) != _HEX_LENGTH[m.group(1)]:
         raise InvalidReference(f"invalid digest {digest!r}: expected sha256:<64 hex> or sha512:<128 hex>")
     return digest
