@@ -11,7 +11,6 @@ exists" or "not found" instead of status codes.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 
@@ -25,10 +24,22 @@ from crfs_proto.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from crfs_proto.containerd.types import descriptor_pb2, mount_pb2
 
+from .containerd_types import (  # noqa: F401 (re-exported: the client's vocabulary)
+    DEFAULT_ADDRESS,
+    DEFAULT_NAMESPACE,
+    AlreadyExists,
+    ContainerdError,
+    Descriptor,
+    FailedPrecondition,
+    InvalidArgument,
+    Mount,
+    NotFound,
+    SnapshotInfo,
+    Unavailable,
+)
+
 T = TypeVar("T")
 
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
-DEFAULT_NAMESPACE = "default"
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
 GC_EXPIRE_LABEL = "containerd.io/gc.expire"
@@ -37,37 +48,7 @@ CALL_TIMEOUT = 60.0  # seconds, for calls that do not move layer data
 APPLY_TIMEOUT = 3600.0  # Apply extracts a whole layer
 WRITE_CHUNK = 1 << 20  # containerd accepts messages up to 16 MiB
 
-
 # --- errors -------------------------------------------------------------------
-
-
-class ContainerdError(Exception):
-    """containerd refused or failed a call; ``code`` is the gRPC status."""
-
-    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class NotFound(ContainerdError):
-    pass
-
-
-class AlreadyExists(ContainerdError):
-    pass
-
-
-class InvalidArgument(ContainerdError):
-    pass
-
-
-class FailedPrecondition(ContainerdError):
-    pass
-
-
-class Unavailable(ContainerdError):
-    """containerd (or the snapshotter behind it) cannot be reached."""
-
 
 _ERRORS: dict[grpc.StatusCode, type[ContainerdError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -86,49 +67,23 @@ def map_error(err: grpc.RpcError, what: str) -> ContainerdError:
     return cls(f"{what}: {details or code}", code)
 
 
-# --- plain data ---------------------------------------------------------------
+# --- plain data <-> protobuf ----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    """An OCI descriptor as containerd's types.Descriptor carries it."""
-
-    media_type: str
-    digest: str
-    size: int
-    annotations: Mapping[str, str] = field(default_factory=dict)
-
-    def to_proto(self) -> descriptor_pb2.Descriptor:
-        return descriptor_pb2.Descriptor(
-            media_type=self.media_type, digest=self.digest, size=self.size, annotations=dict(self.annotations)
-        )
-
-    @classmethod
-    def from_proto(cls, d: descriptor_pb2.Descriptor) -> "Descriptor":
-        return cls(d.media_type, d.digest, d.size, dict(d.annotations))
+def descriptor_to_proto(d: Descriptor) -> descriptor_pb2.Descriptor:
+    return descriptor_pb2.Descriptor(media_type=d.media_type, digest=d.digest, size=d.size, annotations=dict(d.annotations))
 
 
-@dataclass(frozen=True)
-class Mount:
-    type: str
-    source: str
-    options: tuple[str, ...] = ()
-    target: str = ""
-
-    def to_proto(self) -> mount_pb2.Mount:
-        return mount_pb2.Mount(type=self.type, source=self.source, target=self.target, options=list(self.options))
-
-    @classmethod
-    def from_proto(cls, m: mount_pb2.Mount) -> "Mount":
-        return cls(m.type, m.source, tuple(m.options), m.target)
+def descriptor_from_proto(d: descriptor_pb2.Descriptor) -> Descriptor:
+    return Descriptor(d.media_type, d.digest, d.size, dict(d.annotations))
 
 
-@dataclass(frozen=True)
-class SnapshotInfo:
-    name: str
-    parent: str
-    kind: int
-    labels: Mapping[str, str]
+def mount_to_proto(m: Mount) -> mount_pb2.Mount:
+    return mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
+
+
+def mount_from_proto(m: mount_pb2.Mount) -> Mount:
+    return Mount(m.type, m.source, tuple(m.options), m.target)
 
 
 # --- the client -----------------------------------------------------------------
@@ -283,7 +238,7 @@ class ContainerdClient:
 
     def put_image(self, name: str, target: Descriptor, labels: Optional[Mapping[str, str]] = None) -> None:
         """Create the image record, or point the existing one at ``target``."""
-        image = images_pb2.Image(name=name, target=target.to_proto(), labels=dict(labels or {}))
+        image = images_pb2.Image(name=name, target=descriptor_to_proto(target), labels=dict(labels or {}))
         try:
             self._call(f"create image {name}", self._images.Create, images_pb2.CreateImageRequest(image=image))
         except AlreadyExists:
@@ -303,9 +258,9 @@ class ContainerdClient:
     def apply(self, desc: Descriptor, mounts: Sequence[Mount]) -> Descriptor:
         """Extract the layer ``desc`` (from the content store) onto ``mounts``;
         returns the descriptor of the uncompressed tar (its diff ID)."""
-        req = diff_pb2.ApplyRequest(diff=desc.to_proto(), mounts=[m.to_proto() for m in mounts])
+        req = diff_pb2.ApplyRequest(diff=descriptor_to_proto(desc), mounts=[mount_to_proto(m) for m in mounts])
         resp = self._call(f"apply {desc.digest}", self._diff.Apply, req, timeout=APPLY_TIMEOUT)
-        return Descriptor.from_proto(resp.applied)
+        return descriptor_from_proto(resp.applied)
 
     # --- snapshots (through containerd, so its metadata follows) ---
 
@@ -324,7 +279,7 @@ class ContainerdClient:
     def prepare(self, snapshotter: str, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         req = snapshots_pb2.PrepareSnapshotRequest(snapshotter=snapshotter, key=key, parent=parent, labels=dict(labels))
         resp = self._call(f"prepare snapshot {key}", self._snapshots.Prepare, req, timeout=APPLY_TIMEOUT)
-        return [Mount.from_proto(m) for m in resp.mounts]
+        return [mount_from_proto(m) for m in resp.mounts]
 
     def commit(self, snapshotter: str, name: str, key: str, labels: Mapping[str, str]) -> None:
         req = snapshots_pb2.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key, labels=dict(labels))

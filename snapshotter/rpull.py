@@ -26,9 +26,10 @@ import os
 import secrets
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence, TextIO
 
 from lazyfs.registry.client import RegistryClient, Repository
 from lazyfs.registry.config import RegistryConfig
@@ -38,16 +39,19 @@ from lazyfs.registry.manifest import Descriptor as RegistryDescriptor
 from lazyfs.registry.manifest import Manifest, Platform, select_platform
 from lazyfs.registry.reference import Reference, normalize_host, parse_reference
 
-from .containerd_api import (
+# Not containerd_api: its grpc import waits until the registry requests are under way (rpull()).
+from .containerd_types import (
     DEFAULT_ADDRESS,
     DEFAULT_NAMESPACE,
     AlreadyExists,
-    ContainerdClient,
     ContainerdError,
     Descriptor,
     Mount,
     Unavailable,
 )
+
+if TYPE_CHECKING:
+    from .containerd_api import ContainerdClient
 
 DEFAULT_SNAPSHOTTER = "crfs"
 DEFAULT_PLATFORM = "linux/amd64"
@@ -86,6 +90,16 @@ class LayerResult:
     chain_id: str
     how: str
     fetched_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """What a pull needs from the registry before it can ask containerd for anything."""
+
+    top: Manifest  # what the reference names: a manifest or an index
+    manifest: Manifest  # the image manifest for the platform
+    config_raw: bytes
+    diff_ids: list[str]
 
 
 @dataclass
@@ -213,6 +227,19 @@ def _mib(n: int) -> str:
 # --- the pull --------------------------------------------------------------------
 
 
+def resolve_image(repo: Repository, ref: Reference, platform: Platform) -> ResolvedImage:
+    """Manifest (through an index for ``platform``) and config of ``ref``."""
+    top = repo.get_manifest(ref.object)
+    manifest = top
+    if top.is_index:
+        manifest = repo.get_manifest(select_platform(top, platform).digest)
+        if manifest.is_index:
+            raise RpullError(f"index entry {manifest.digest} for {platform} is itself an index")
+    config = manifest.config
+    config_raw = repo.get_blob(config.digest, config.size)
+    return ResolvedImage(top, manifest, config_raw, _diff_ids(config_raw, len(manifest.layers), config.digest))
+
+
 class Puller:
     """One pull: resolve, store the metadata, then each layer lazily or not."""
 
@@ -228,8 +255,9 @@ class Puller:
         self.snapshotter = snapshotter
         self.progress = progress
 
-    def pull(self, ref: Reference, platform: Platform) -> PullResult:
-        """Pull ``ref`` for ``platform``; the image record names ``str(ref)``."""
+    def pull(self, ref: Reference, platform: Platform, resolving: Optional["Future[ResolvedImage]"] = None) -> PullResult:
+        """Pull ``ref`` for ``platform``; the image record names ``str(ref)``.
+        ``resolving``: ``resolve_image`` already started for the same ref."""
         name = str(ref)
         with ExitStack() as held:
             try:
@@ -237,28 +265,17 @@ class Puller:
             except Unavailable as e:
                 raise RpullError(f"cannot reach containerd at {self.ctrd.address}: {e}") from None
             repo = self.registry.repository(ref)
-            top = repo.get_manifest(ref.object)
-            manifest = self._image_manifest(repo, top, platform)
-            config_desc = manifest.config
-            config_raw = repo.get_blob(config_desc.digest, config_desc.size)
-            diff_ids = _diff_ids(config_raw, len(manifest.layers), config_desc.digest)
-            self._store_metadata(ref, top, manifest, config_raw)
-            result = PullResult(name, manifest_descriptor(top), manifest.digest, chain_ids(diff_ids)[-1])
+            image = resolving.result() if resolving is not None else resolve_image(repo, ref, platform)
+            manifest = image.manifest
+            self._store_metadata(ref, image.top, manifest, image.config_raw)
+            result = PullResult(name, manifest_descriptor(image.top), manifest.digest, chain_ids(image.diff_ids)[-1])
             for i, layer in enumerate(manifest.layers):
-                result.layers.append(self._unpack_layer(repo, ref, manifest, diff_ids, i))
+                result.layers.append(self._unpack_layer(repo, ref, manifest, image.diff_ids, i))
                 if self.progress:
                     self.progress.layer(result.layers[-1], len(manifest.layers))
-            self.ctrd.update_content_labels(config_desc.digest, {GC_SNAPSHOT_LABEL.format(self.snapshotter): result.chain_id})
+            self.ctrd.update_content_labels(manifest.config.digest, {GC_SNAPSHOT_LABEL.format(self.snapshotter): result.chain_id})
             self.ctrd.put_image(name, result.target)
         return result
-
-    def _image_manifest(self, repo: Repository, top: Manifest, platform: Platform) -> Manifest:
-        if not top.is_index:
-            return top
-        child = repo.get_manifest(select_platform(top, platform).digest)
-        if child.is_index:
-            raise RpullError(f"index entry {child.digest} for {platform} is itself an index")
-        return child
 
     # --- content ---
 
@@ -410,5 +427,10 @@ def rpull(
     if not os.path.exists(address):
         raise RpullError(f"cannot reach containerd: no socket at {address}")
     with RegistryClient(RegistryConfig(insecure_hosts=insecure), credentials=credentials) as registry, \
-            ContainerdClient(address, namespace) as ctrd:
-        return Puller(ctrd, registry, snapshotter, progress).pull(ref, wanted)
+            ThreadPoolExecutor(1, thread_name_prefix="resolve") as pool:
+        # the manifest and config round trips run while grpc is imported
+        resolving = pool.submit(resolve_image, registry.repository(ref), ref, wanted)
+        from .containerd_api import ContainerdClient  # noqa: PLC0415
+
+        with ContainerdClient(address, namespace) as ctrd:
+            return Puller(ctrd, registry, snapshotter, progress).pull(ref, wanted, resolving)
