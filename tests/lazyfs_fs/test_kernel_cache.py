@@ -75,3 +75,46 @@ def test_answering_every_open_still_works(crfs_blob, tmp_path: Path, monkeypatch
         with pytest.raises(OSError) as err:
             os.close(os.open(mnt / "etc/hosts", os.O_WRONLY))
         assert err.value.errno == errno.EROFS
+
+
+def test_layer_without_xattrs_is_asked_for_one_only(tmp_path: Path) -> None:
+    """A layer with no xattr at all answers the first getxattr with ENOSYS:
+    the kernel answers all later ones itself (EOPNOTSUPP), so that
+    fuse-overlayfs's "origin" and "opaque" probes of every file it looks up
+    in a new overlay mount never reach the mount process."""
+    import io
+    import tarfile
+
+    from lazyfs.stargz.writer import build
+
+    tar = tmp_path / "plain.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in (("bin/tool", b"#!/bin/sh\n"), ("etc/hosts", b"127.0.0.1 localhost\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    blob = tmp_path / "plain.esgz"
+    build(tar, blob)
+    mnt = tmp_path / "mnt"
+    with mounted(blob, mnt):
+        for path, name in ((mnt / "etc/hosts", "user.fuseoverlayfs.origin"), (mnt / "bin/tool", "trusted.overlay.origin"),
+                           (mnt / "etc", "trusted.overlay.opaque"), (mnt / "etc/hosts", "security.capability")):
+            with pytest.raises(OSError) as err:
+                os.getxattr(path, name)
+            assert err.value.errno == errno.EOPNOTSUPP
+        assert os.listxattr(mnt / "etc/hosts") == []
+        assert mount.status(mnt)["getxattrs"] == 1
+        assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1 localhost\n"
+
+
+def test_layer_with_xattrs_answers_each_name(crfs_blob, tmp_path: Path) -> None:
+    """Where any entry has an xattr, every getxattr is answered: the value,
+    or ENODATA for a name the file does not have."""
+    mnt = tmp_path / "mnt"
+    with mounted(crfs_blob[0], mnt):
+        before = mount.status(mnt)["getxattrs"]
+        for _ in range(2):
+            with pytest.raises(OSError) as err:
+                os.getxattr(mnt / "etc/hosts", "user.fuseoverlayfs.origin")
+            assert err.value.errno == errno.ENODATA
+        assert mount.status(mnt)["getxattrs"] == before + 2
