@@ -9,14 +9,15 @@ digest of its own; stargz chunks are verified against the TOC downstream.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
-
-import requests
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
+from urllib.parse import urljoin
 
 from .registry import NotFound, Repository
 from .registry.errors import IncompleteBody, ProtocolError, RegistryError, Unreachable
 from .registry.ranges import parse_content_range
 from .registry.retry import RETRY_STATUSES, Attempts
+from .registry.wire import WIRE_ERRORS, HttpClient, HttpResponse
 
 T = TypeVar("T")
 
@@ -75,22 +76,26 @@ class RegistryBlobSource(_RangedSource):
         return self.repo.get_range(self.digest, offset, length)
 
 
+MAX_REDIRECTS = 10
+
+
 class HttpBlobSource(_RangedSource):
-    """A blob at a plain URL. Transient failures (connection errors, 5xx,
-    short bodies) are retried with backoff within ``retry_budget`` seconds."""
+    """A blob at a plain URL (redirects followed). Transient failures
+    (connection errors, 5xx, short bodies) are retried with backoff within
+    ``retry_budget`` seconds. ``http``: a client to share (keep-alive
+    connections); by default one of its own, closed by ``close``."""
 
     def __init__(
         self,
         url: str,
         *,
-        session: requests.Session | None = None,
+        http: HttpClient | None = None,
         timeout: tuple[float, float] = (5.0, 30.0),
         max_attempts: int = 5,
         retry_budget: float = 30.0,
     ) -> None:
         self.url = url
-        self._session = session or requests.Session()
-        self._timeout = timeout
+        self._http = http or HttpClient(connect_timeout=timeout[0], read_timeout=timeout[1])
         self._max_attempts = max_attempts
         self._budget = retry_budget
         self._size = self._retrying(self._probe_size)
@@ -99,26 +104,25 @@ class HttpBlobSource(_RangedSource):
         return self._retrying(lambda: self._get(offset, length))
 
     def close(self) -> None:
-        self._session.close()
+        self._http.close()
 
     def _retrying(self, fn: Callable[[], T]) -> T:
         attempts = Attempts(self._max_attempts, self._budget, 0.2, 5.0)
         while True:
             try:
                 return fn()
-            except (requests.RequestException, OSError, IncompleteBody, Unreachable) as exc:
+            except (*WIRE_ERRORS, IncompleteBody, Unreachable) as exc:
                 if not attempts.wait():
                     raise Unreachable(f"{self.url}: {exc}; gave up {attempts.gave_up_reason}") from None
 
     def _probe_size(self) -> int:
-        with self._session.get(
-            self.url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"}, stream=True, timeout=self._timeout
-        ) as resp:
+        with self._get_stream("bytes=0-0") as resp:
             self._check(resp)
             if resp.status_code == 206:
                 total = parse_content_range(resp.headers.get("Content-Range")).total
                 if total is None:
                     raise ProtocolError(f"{self.url}: Content-Range without the blob size")
+                resp.read(2)  # the one byte: read, the connection can be reused
                 return total
             length = resp.headers.get("Content-Length", "")
             if not length.isdigit():
@@ -127,9 +131,7 @@ class HttpBlobSource(_RangedSource):
 
     def _get(self, offset: int, length: int) -> bytes:
         header = f"bytes={offset}-{offset + length - 1}"
-        with self._session.get(
-            self.url, headers={"Range": header, "Accept-Encoding": "identity"}, stream=True, timeout=self._timeout
-        ) as resp:
+        with self._get_stream(header) as resp:
             self._check(resp)
             skip = 0
             if resp.status_code == 206:
@@ -138,12 +140,28 @@ class HttpBlobSource(_RangedSource):
                     raise ProtocolError(f"{self.url}: asked for byte {offset}, got {start}")
             else:
                 skip = offset  # a 200: the whole blob; read only the prefix we need
-            data = resp.raw.read(skip + length, decode_content=False)[skip:]
+            data = resp.read(skip + length)[skip:]
         if len(data) != length:
             raise IncompleteBody(f"{self.url}: {len(data)} of {length} bytes at {offset}")
         return data
 
-    def _check(self, resp: requests.Response) -> None:
+    @contextmanager
+    def _get_stream(self, byte_range: str) -> Iterator[HttpResponse]:
+        """A streamed GET of ``self.url`` for ``byte_range``, redirects followed."""
+        url = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = self._http.request("GET", url, headers={"Range": byte_range}, stream=True)
+            location = resp.headers.get("Location")
+            if resp.status_code not in (301, 302, 303, 307, 308) or not location:
+                break
+            resp.close()
+            url = urljoin(url, location)
+        else:
+            raise Unreachable(f"{self.url}: more than {MAX_REDIRECTS} redirects")
+        with resp:
+            yield resp
+
+    def _check(self, resp: HttpResponse) -> None:
         if resp.status_code in (200, 206):
             return
         message = f"{self.url}: HTTP {resp.status_code}"

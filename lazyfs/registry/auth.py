@@ -17,13 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
-from urllib.parse import urlencode, urlsplit
-
-import requests
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from .credentials import Credential
 from .errors import AuthError, ProtocolError
 from .transport import Transport
+from .wire import HttpResponse
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +90,15 @@ def basic_header(cred: Credential) -> str:
     return "Basic " + base64.b64encode(raw).decode()
 
 
+def _with_query(url: str, params: list[tuple[str, str]]) -> str:
+    """``url`` with ``params`` appended to its query (the realm may have one)."""
+    if not params:
+        return url
+    parts = urlsplit(url)
+    query = "&".join(q for q in (parts.query, urlencode(params)) if q)
+    return urlunsplit(parts._replace(query=query, fragment=""))
+
+
 @dataclass
 class _Token:
     scopes: frozenset[str]
@@ -118,7 +126,7 @@ class HostAuth:
         self._tokens: list[_Token] = []
         self._lock = threading.Lock()
 
-    def learn(self, response: requests.Response) -> bool:
+    def learn(self, response: HttpResponse) -> bool:
         """Take the challenge of a 401 (Bearer preferred); False if there is none usable."""
         challenges = parse_challenges(response.headers.get("WWW-Authenticate", ""))
         usable = [c for c in challenges if c.scheme in ("bearer", "basic")]
@@ -141,7 +149,7 @@ class HostAuth:
         return "Bearer " + self._token(scopes, ch)
 
     def after_unauthorized(
-        self, response: requests.Response, scopes: frozenset[str], sent: Optional[str]
+        self, response: HttpResponse, scopes: frozenset[str], sent: Optional[str]
     ) -> Optional[frozenset[str]]:
         """After a 401: the scopes to retry with, or None when retrying cannot help."""
         if not self.learn(response):
@@ -156,7 +164,7 @@ class HostAuth:
         if sent and sent.startswith("Bearer "):
             self._forget(sent[len("Bearer ") :])
         asked = frozenset(ch.params.get("scope", "").split())
-        return scopes | asked
+        return scopes if covers(scopes, asked) else scopes | asked
 
     def _forget(self, value: str) -> None:
         with self._lock:
@@ -196,8 +204,7 @@ class HostAuth:
                 headers["Authorization"] = basic_header(cred)
             query = [("service", service)] if service else []
             query += [("scope", s) for s in sorted_scopes]
-            url = requests.Request("GET", realm, params=query).prepare().url
-            assert url is not None
+            url = _with_query(realm, query)
             resp = self._transport.send("GET", url, headers=headers)
         with resp:
             if resp.status_code in (401, 403):

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
-import requests
-
 from .auth import HostAuth, repo_scope
 from .config import Endpoint, RegistryConfig
 from .credentials import CredentialStore
@@ -32,9 +30,9 @@ from .errors import (
 from .manifest import MANIFEST_ACCEPT, Manifest, Platform, host_platform, select_platform
 from .ranges import Segment, extract, multipart_boundary, parse_content_range, parse_multipart, range_header
 from .reference import Reference, api_host, parse_reference
-from .retry import RETRY_STATUSES, Attempts
+from .retry import Attempts
 from .responses import fail as _fail
-from .transport import WIRE_ERRORS, Transport, describe, origin
+from .transport import WIRE_ERRORS, HttpResponse, Transport, describe, origin
 from .upload import PushResult, mount_blob, push_blob
 
 log = logging.getLogger(__name__)
@@ -59,7 +57,8 @@ class Resolved:
 
 
 class _Host:
-    """Per-endpoint state: the scheme found by probing, and the auth state."""
+    """Per-endpoint state: the scheme (the endpoint's, or found by the first
+    request), and the auth state."""
 
     def __init__(self, endpoint: Endpoint, auth: HostAuth) -> None:
         self.endpoint = endpoint
@@ -71,7 +70,7 @@ class _Host:
 
 class RegistryClient:
     """Entry point. Thread-safe; reuse one per process (it keeps connections,
-    tokens and probed schemes)."""
+    tokens and the schemes found)."""
 
     def __init__(self, config: Optional[RegistryConfig] = None, *, credentials: Optional[CredentialStore] = None):
         self.config = config or RegistryConfig()
@@ -104,7 +103,7 @@ class RegistryClient:
             ref = parse_reference(ref)
         return self.repository(ref).resolve(ref.object, platform, reference=ref)
 
-    # --- endpoints, probing, auth -------------------------------------------
+    # --- endpoints, scheme, auth ----------------------------------------------
 
     def endpoints(self, registry: str, pull: bool) -> list[Endpoint]:
         """Mirrors (pulls only) in order, then the registry itself."""
@@ -133,37 +132,8 @@ class RegistryClient:
             if h is None:
                 auth = HostAuth(ep.host, lambda: self.credentials.get(ep.host), self.transport)
                 h = self._hosts[ep] = _Host(ep, auth)
-        with h.lock:
-            if h.scheme is None:
-                self._ping(h)
+                h.scheme = ep.scheme
         return h
-
-    def _ping(self, h: _Host) -> None:
-        """``GET /v2/``: finds the scheme (https, or http where allowed) and
-        the auth challenge before the first real request."""
-        ep = h.endpoint
-        if ep.scheme:
-            schemes = [ep.scheme]
-        elif self.config.plain_http_allowed(ep.host):
-            schemes = ["https", "http"]
-        else:
-            schemes = ["https"]
-        for scheme in schemes:
-            try:
-                resp = self.transport.send("GET", f"{scheme}://{ep.host}/v2/")
-            except TLSError as e:
-                if e.not_tls and scheme != schemes[-1]:
-                    continue
-                if e.not_tls and not self.config.plain_http_allowed(ep.host):
-                    e.message += f"; plain HTTP to {ep.host} needs it in insecure_hosts"
-                raise
-            with resp:
-                if resp.status_code == 401:
-                    h.auth.learn(resp)
-                elif resp.status_code in RETRY_STATUSES:
-                    _fail(resp, ep.host, None, "/v2/", "registry not ready")
-            h.scheme = scheme
-            return
 
     def send(
         self,
@@ -177,11 +147,52 @@ class RegistryClient:
         stream: bool = False,
         retry: bool = True,
         attempts: Optional[Attempts] = None,
-    ) -> requests.Response:
+    ) -> HttpResponse:
         """An authenticated request to ``ep``: on a 401 the challenge is
-        learnt (token fetched) and the request is sent once more."""
+        learnt (token fetched) and the request is sent once more.
+
+        There is no ``GET /v2/`` ping first (containerd does not ping
+        either; it is a round trip per process): the first request to a host
+        finds its scheme, https unless the endpoint says otherwise; where
+        plain HTTP is allowed, a peer that does not speak TLS gets the
+        request again over http, and the scheme is kept for the host."""
         h = self._host(ep)
-        base = f"{h.scheme}://{ep.host}"
+        kw = dict(scopes=scopes, headers=headers, body=body, stream=stream, retry=retry, attempts=attempts)
+        if h.scheme is not None or "://" in path_or_url:
+            scheme = h.scheme or origin(path_or_url)[0]
+            return self._send(h, scheme, path_or_url, method, **kw)  # type: ignore[arg-type]
+        with h.lock:  # the first request finds the scheme; the others wait for it
+            if h.scheme is not None:
+                return self._send(h, h.scheme, path_or_url, method, **kw)  # type: ignore[arg-type]
+            schemes = ["https", "http"] if self.config.plain_http_allowed(ep.host) else ["https"]
+            for scheme in schemes:
+                try:
+                    resp = self._send(h, scheme, path_or_url, method, **kw)  # type: ignore[arg-type]
+                except TLSError as e:
+                    if e.not_tls and scheme != schemes[-1]:
+                        log.debug("%s does not speak TLS, using plain HTTP", ep.host)
+                        continue
+                    raise
+                h.scheme = scheme
+                return resp
+            raise AssertionError("unreachable")
+
+    def _send(
+        self,
+        h: _Host,
+        scheme: str,
+        path_or_url: str,
+        method: str,
+        *,
+        scopes: frozenset[str],
+        headers: Optional[dict[str, str]],
+        body: Union[None, bytes, BinaryIO],
+        stream: bool,
+        retry: bool,
+        attempts: Optional[Attempts],
+    ) -> HttpResponse:
+        ep = h.endpoint
+        base = f"{scheme}://{ep.host}"
         url = path_or_url if "://" in path_or_url else base + path_or_url
         same_host = origin(url) == origin(base)
         start = body.tell() if body is not None and not isinstance(body, bytes) else 0
@@ -193,9 +204,14 @@ class RegistryClient:
                 hdrs["Authorization"] = sent
             if body is not None and not isinstance(body, bytes):
                 body.seek(start)
-            resp = self.transport.send(
-                method, url, headers=hdrs, body=body, stream=stream, retry=retry, attempts=attempts
-            )
+            try:
+                resp = self.transport.send(
+                    method, url, headers=hdrs, body=body, stream=stream, retry=retry, attempts=attempts
+                )
+            except TLSError as e:
+                if e.not_tls and e.host == ep.host and not self.config.plain_http_allowed(ep.host):
+                    e.message += f"; plain HTTP to {ep.host} needs it in insecure_hosts"
+                raise
             if resp.status_code != 401 or attempt == 2 or not same_host:
                 break
             retry_scopes = h.auth.after_unauthorized(resp, scopes, sent)
@@ -203,7 +219,7 @@ class RegistryClient:
                 break
             resp.close()
             scopes = retry_scopes
-        resp.sent_credentials = bool(sent)  # type: ignore[attr-defined]
+        resp.sent_credentials = bool(sent)
         return resp
 
 
@@ -263,7 +279,7 @@ class Repository:
             if length and length.isdigit() and int(length) > MAX_MANIFEST_BYTES:
                 raise ProtocolError(f"manifest of {length} bytes is too large", host=ep.host, repo=self.name, target=target)
             try:
-                raw = resp.raw.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
+                raw = resp.read(MAX_MANIFEST_BYTES + 1)
             except WIRE_ERRORS as e:
                 raise IncompleteBody(f"manifest body: {describe(e)}", host=ep.host, repo=self.name, target=target) from None
         if len(raw) > MAX_MANIFEST_BYTES:
@@ -359,7 +375,7 @@ class Repository:
                     skip = offset if resp.status_code == 200 else 0
                     announced = resp.headers.get("Content-Length", "")
                     received = 0
-                    for piece in resp.raw.stream(STREAM_CHUNK, decode_content=False):
+                    for piece in resp.iter_pieces(STREAM_CHUNK):
                         received += len(piece)
                         if skip:
                             cut = min(skip, len(piece))
@@ -383,7 +399,7 @@ class Repository:
                     ) from None
         verifier.verify(host=host, repo=self.name)
 
-    def _open_blob(self, ep: Endpoint, digest: str, offset: int, attempts: Attempts) -> tuple[requests.Response, str]:
+    def _open_blob(self, ep: Endpoint, digest: str, offset: int, attempts: Attempts) -> tuple[HttpResponse, str]:
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -524,29 +540,29 @@ class Repository:
         return mount_blob(self, digest, from_repo)
 
 
-def _read_all(resp: requests.Response, limit: int = 256 << 20) -> bytes:
-    data = resp.raw.read(limit + 1, decode_content=False)
+def _read_all(resp: HttpResponse, limit: int = 256 << 20) -> bytes:
+    data = resp.read(limit + 1)
     if len(data) > limit:
         raise ProtocolError(f"multipart range answer larger than {limit} bytes")
     return data
 
 
-def _read_exact(resp: requests.Response, n: int) -> bytes:
+def _read_exact(resp: HttpResponse, n: int) -> bytes:
     length = resp.headers.get("Content-Length", "")
     if length.isdigit() and int(length) != n:
         raise ProtocolError(f"Content-Length {length} disagrees with Content-Range ({n} bytes)")
-    data = resp.raw.read(n, decode_content=False)
+    data = resp.read(n)
     if len(data) != n:
         raise IncompleteBody(f"range body ended after {len(data)} of {n} bytes")
     return data
 
 
-def _read_prefix(resp: requests.Response, n: int) -> bytes:
+def _read_prefix(resp: HttpResponse, n: int) -> bytes:
     """The first ``n`` bytes of a 200 answer to a ranged GET; the rest is not read."""
     length = resp.headers.get("Content-Length", "")
     if length.isdigit() and int(length) < n:
         raise ProtocolError(f"range ends at byte {n}, beyond the end of the blob ({length} bytes)")
-    data = resp.raw.read(n, decode_content=False)
+    data = resp.read(n)
     if len(data) != n:
         raise IncompleteBody(f"body ended after {len(data)} of the {n} bytes needed")
     return data

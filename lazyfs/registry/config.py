@@ -36,8 +36,8 @@ def split_host(host: str) -> tuple[str, Optional[int]]:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where to send API requests: ``scheme`` is None until probed
-    (https first; http only where plain HTTP is allowed)."""
+    """Where to send API requests: ``scheme`` None means found by the first
+    request (https first; http only where plain HTTP is allowed)."""
 
     host: str
     scheme: Optional[str] = None

@@ -5,26 +5,24 @@ from __future__ import annotations
 import json
 from typing import NoReturn, Optional
 
-import requests
-
 from .errors import AuthError, NotFound, RegistryError, Unreachable
 from .retry import RETRY_STATUSES
-from .transport import WIRE_ERRORS
+from .wire import WIRE_ERRORS, HttpResponse
 
 
-def error_detail(resp: requests.Response) -> str:
+def error_detail(resp: HttpResponse) -> str:
     """The registry's error codes and messages from its JSON error body."""
-    if resp.request is not None and resp.request.method == "HEAD":
+    if resp.method == "HEAD":
         return ""
     try:
-        raw = resp.raw.read(64 << 10, decode_content=True) if not resp._content_consumed else resp.content
+        raw = resp.read(64 << 10)
         errors = json.loads(raw or b"{}").get("errors") or []
         return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)[:300]
     except (ValueError, AttributeError, TypeError, *WIRE_ERRORS):
         return ""
 
 
-def fail(resp: requests.Response, host: str, repo: Optional[str], target: Optional[str], what: str) -> NoReturn:
+def fail(resp: HttpResponse, host: str, repo: Optional[str], target: Optional[str], what: str) -> NoReturn:
     """Raise the typed error for an unexpected status (closing the response)."""
     status = resp.status_code
     detail = error_detail(resp)
@@ -35,7 +33,7 @@ def fail(resp: requests.Response, host: str, repo: Optional[str], target: Option
         kind = AuthError
         hint = (
             "credentials rejected"
-            if getattr(resp, "sent_credentials", False)
+            if resp.sent_credentials
             else "no credentials for this host, or anonymous access refused"
         )
         message += f" ({'denied' if status == 403 else 'unauthorized'}: {hint})"
@@ -43,7 +41,6 @@ def fail(resp: requests.Response, host: str, repo: Optional[str], target: Option
         kind = NotFound
     elif status in RETRY_STATUSES:
         kind = Unreachable
-        gave_up = getattr(resp, "retry_gave_up", "")
-        if gave_up:
-            message += f" (still failing {gave_up})"
+        if resp.retry_gave_up:
+            message += f" (still failing {resp.retry_gave_up})"
     raise kind(message, host=host, repo=repo, target=target, status=status)

@@ -1,36 +1,33 @@
-"""HTTP plumbing: one ``requests.Session`` per origin, timeouts on every
-request, retries with backoff, and redirects followed by hand.
+"""HTTP plumbing: pooled keep-alive connections (wire.py, on the standard
+library: requests/urllib3 cost ~70 ms and ~10 MiB RSS per process), timeouts
+on every request, retries with backoff, and redirects followed by hand.
 
-Redirects are not left to ``requests`` because the rules matter here:
-registries send blob GETs to storage hosts, the ``Range`` header must go
-along, and ``Authorization`` must not (once a redirect leaves the origin it
-was meant for, it is dropped for the rest of the chain). Plain-HTTP redirect
-targets are refused unless that host allows plain HTTP.
+Redirects are followed here because the rules matter: registries send blob
+GETs to storage hosts, the ``Range`` header must go along, and
+``Authorization`` must not (once a redirect leaves the origin it was meant
+for, it is dropped for the rest of the chain). Plain-HTTP redirect targets
+are refused unless that host allows plain HTTP.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import socket
-import ssl
-import threading
 from typing import Any, BinaryIO, Iterator, Mapping, Optional, Union
 from urllib.parse import urljoin, urlsplit
 
-import requests
-import urllib3
-
 from .config import RegistryConfig
-from .errors import InsecureRegistry, RegistryError, TLSError, Unreachable
+from .errors import ConfigError, InsecureRegistry, RegistryError, TLSError, Unreachable
 from .retry import RETRY_STATUSES, Attempts, parse_retry_after
+from .wire import WIRE_ERRORS, Body, ConnectError, ConnectTimeout, HttpClient, HttpResponse, ProxyError, TLSHandshakeError
 
 log = logging.getLogger(__name__)
 
-Body = Union[None, bytes, BinaryIO]
+__all__ = ["WIRE_ERRORS", "Body", "HttpResponse", "Transport", "describe", "origin", "redact", "rewindable", "tls_failure"]
+
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
-# What can go wrong on the wire, from requests and from urllib3's raw stream.
-WIRE_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 def origin(url: str) -> tuple[str, str]:
@@ -62,19 +59,12 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
 
 def tls_failure(exc: BaseException, host: str) -> TLSError:
     """Classify an SSL failure: untrusted certificate vs. a peer that does not speak TLS."""
+    import ssl  # noqa: PLC0415 - loaded already: TLS was used
+
     chain = list(_exception_chain(exc))
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
         return TLSError("TLS certificate not trusted (configure ca_file for this registry)", host=host)
     return TLSError("TLS handshake failed (does the host speak plain HTTP?)", host=host, not_tls=True)
-
-
-class _NoAuth(requests.auth.AuthBase):
-    """Set as the session's auth so that requests never falls back to
-    ``~/.netrc`` (it would attach those credentials to any host, storage
-    redirect targets included)."""
-
-    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        return r
 
 
 class Transport:
@@ -82,32 +72,20 @@ class Transport:
 
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
-        self._verify: Union[bool, str] = str(config.ca_file) if config.ca_file else True
-        self._sessions: dict[tuple[str, str], requests.Session] = {}
-        self._lock = threading.Lock()
+        self.http = HttpClient(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            ca_file=config.ca_file,
+            user_agent=config.user_agent,
+        )
 
     def attempts(self) -> Attempts:
         """A fresh retry budget for one logical operation."""
         c = self.config
         return Attempts(c.max_attempts, c.retry_budget, c.backoff_initial, c.backoff_max)
 
-    def session(self, url: str) -> requests.Session:
-        """The session for ``url``'s origin (connections are reused per origin)."""
-        key = origin(url)
-        with self._lock:
-            s = self._sessions.get(key)
-            if s is None:
-                s = requests.Session()
-                s.auth = _NoAuth()
-                s.headers["User-Agent"] = self.config.user_agent
-                self._sessions[key] = s
-            return s
-
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = list(self._sessions.values()), {}
-        for s in sessions:
-            s.close()
+        self.http.close()
 
     def check_scheme(self, url: str) -> None:
         scheme, host = origin(url)
@@ -128,7 +106,7 @@ class Transport:
         stream: bool = False,
         retry: bool = True,
         attempts: Optional[Attempts] = None,
-    ) -> requests.Response:
+    ) -> HttpResponse:
         """One logical request: retried on connection errors and on
         408/429/5xx (honouring Retry-After) while the budget lasts.
 
@@ -145,8 +123,10 @@ class Transport:
                 body.seek(start)
             try:
                 resp = self._follow(method, url, dict(headers or {}), body, stream)
-            except requests.exceptions.SSLError as e:
+            except TLSHandshakeError as e:
                 raise tls_failure(e, host) from None
+            except ProxyError as e:
+                raise ConfigError(f"{method} {redact(url)}: {e}", host=host) from None
             except RegistryError:
                 raise
             except WIRE_ERRORS as e:
@@ -163,26 +143,17 @@ class Transport:
                     resp.close()
                     attempts.sleep(delay)
                     continue
-                resp.retry_gave_up = attempts.gave_up_reason  # type: ignore[attr-defined]
+                resp.retry_gave_up = attempts.gave_up_reason
             return resp
 
     def _follow(
         self, method: str, url: str, headers: dict[str, str], body: Body, stream: bool
-    ) -> requests.Response:
+    ) -> HttpResponse:
         first = origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             self.check_scheme(url)
             log.debug("%s %s", method, redact(url))
-            resp = self.session(url).request(
-                method,
-                url,
-                headers=headers,
-                data=body,
-                stream=stream,
-                allow_redirects=False,
-                verify=self._verify,
-                timeout=(self.config.connect_timeout, self.config.read_timeout),
-            )
+            resp = self.http.request(method, url, headers=headers, body=body, stream=stream)
             location = resp.headers.get("Location")
             if resp.status_code not in REDIRECT_STATUSES or not location or method not in ("GET", "HEAD"):
                 return resp
@@ -199,15 +170,19 @@ def describe(e: BaseException) -> str:
     for inner in chain:
         if isinstance(inner, (ConnectionRefusedError, ConnectionResetError, BrokenPipeError, socket.gaierror)):
             return f"{type(inner).__name__}: {inner.strerror or inner}"
-    for kinds, text in (
-        ((urllib3.exceptions.NewConnectionError,), "cannot connect"),
-        ((urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout), "read timed out"),
-        ((urllib3.exceptions.ConnectTimeoutError, requests.exceptions.ConnectTimeout), "connect timed out"),
-        ((urllib3.exceptions.ProtocolError,), "connection broken"),
-    ):
+    for kinds, text in (((ConnectTimeout,), "connect timed out"), ((TimeoutError,), "read timed out")):
         found = next((x for x in chain if isinstance(x, kinds)), None)
         if found is not None:
-            return f"{text} ({type(found).__name__})" if text != "connection broken" else f"{text}: {str(found)[:120]}"
+            return f"{text} ({type(found).__name__})"
+    found = next((x for x in chain if isinstance(x, ConnectError)), None)
+    if found is not None:
+        cause = found.__cause__
+        if isinstance(cause, OSError):
+            return f"cannot connect ({type(cause).__name__}: {cause.strerror or cause})"[:160]
+        return f"cannot connect ({str(found)[:120]})"
+    found = next((x for x in chain if isinstance(x, (http.client.HTTPException, OSError))), None)
+    if found is not None:
+        return f"connection broken: {type(found).__name__}: {str(found)[:120]}"
     return type(e).__name__
 
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Optional, Union
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
-import requests
-
 from .auth import repo_scope
 from .config import Endpoint
 from .digest import parse_digest
@@ -26,6 +24,7 @@ from .errors import DigestMismatch, IncompleteBody, ProtocolError, Unreachable
 from .responses import fail
 from .retry import RETRY_STATUSES, Attempts, parse_retry_after
 from .transport import Body, rewindable
+from .wire import HttpResponse
 
 if TYPE_CHECKING:
     from .client import Repository
@@ -71,7 +70,7 @@ def _with_digest(url: str, digest: str) -> str:
     return urlunsplit(parts._replace(query=query + urlencode({"digest": digest})))
 
 
-def _location(resp: requests.Response, ep: Endpoint, repo: "Repository") -> str:
+def _location(resp: HttpResponse, ep: Endpoint, repo: "Repository") -> str:
     location = resp.headers.get("Location")
     if not location:
         fail_status = resp.status_code
@@ -85,7 +84,7 @@ def _range_end(value: Optional[str]) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def _post(repo: "Repository", ep: Endpoint, scopes: frozenset[str], attempts: Attempts, **params: str) -> requests.Response:
+def _post(repo: "Repository", ep: Endpoint, scopes: frozenset[str], attempts: Attempts, **params: str) -> HttpResponse:
     query = f"?{urlencode(params)}" if params else ""
     return repo.client.send(
         ep, "POST", f"/v2/{repo.name}/blobs/uploads/{query}", scopes=scopes, body=b"", attempts=attempts

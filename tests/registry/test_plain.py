@@ -5,12 +5,13 @@ with skopeo in both directions."""
 from __future__ import annotations
 
 import io
+import json
 import random
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
 import pytest
-import requests
 
 from harness.proc import require_binary, run
 from harness.registry import Registry
@@ -192,5 +193,6 @@ def test_push_manifest_by_tag_and_digest(plain_registry: Registry, make_client: 
     assert repo.push_manifest(image.manifest, OCI_MANIFEST) == image.digest
     assert repo.push_manifest(image.manifest, OCI_MANIFEST, "latest") == image.digest
     assert client.resolve(f"{plain_registry.host}/plain/manifests").digest == image.digest
-    tags = requests.get(f"{plain_registry.url}/v2/plain/manifests/tags/list", timeout=5).json()
+    with urllib.request.urlopen(f"{plain_registry.url}/v2/plain/manifests/tags/list", timeout=5) as answer:
+        tags = json.load(answer)
     assert tags["tags"] == ["latest"]
