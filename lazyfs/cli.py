@@ -18,7 +18,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from lazyfs.convert import ConvertError, Converter, ConvertOptions, LayerProgress, open_store, read_paths
+from lazyfs.convert import ConvertError, Converter, ConvertOptions, LayerProgress, open_store
+from lazyfs.prefetch_hints import PRIORITIZED_CHUNK_SIZE, ProfileError, read_profile_lines
 from lazyfs.ocilayout import LayoutError
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.config import RegistryConfig
@@ -170,7 +171,12 @@ def _register_convert(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dst", metavar="DST")
     p.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE, metavar="N", help="bytes per chunk (default 4 MiB)")
     p.add_argument("--prioritize", nargs="+", action="extend", default=[], metavar="PATH", help="files to put first in their layer, for prefetching")
-    p.add_argument("--prioritize-file", type=argparse.FileType("r"), metavar="FILE", help="a file listing paths to prioritize, one per line")
+    p.add_argument("--prioritize-file", type=argparse.FileType("r", encoding="utf-8"), metavar="FILE",
+                   help="a file listing paths to prioritize, one per line; or a crfs optimize profile, whose byte "
+                   "ranges read are hinted to mounts (annotation containerd.io/snapshot/crfs/prefetch-ranges)")
+    p.add_argument("--prioritized-chunk-size", type=_positive, metavar="N",
+                   help=f"bytes per chunk of the prioritized files (default: {PRIORITIZED_CHUNK_SIZE // 1024} KiB when "
+                   "the file gives ranges, else --chunk-size)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="convert only this platform of a multi-platform index")
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="allow plain HTTP to HOST (loopback always may)")
     p.add_argument("--docker-config", type=Path, metavar="FILE", help="Docker config.json with credentials (default ~/.docker/config.json)")
@@ -180,15 +186,24 @@ def _register_convert(subparsers: argparse._SubParsersAction) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     prioritized = list(args.prioritize)
+    ranges: dict = {}
     if args.prioritize_file:
         with args.prioritize_file as f:
-            prioritized += read_paths(f)
+            try:
+                profile = read_profile_lines(f)
+            except ProfileError as exc:
+                print(f"crfs convert: {f.name}: {exc}", file=sys.stderr)
+                return 2
+        prioritized += profile.paths
+        ranges = {p: r for p, r in profile.ranges.items() if p not in args.prioritize}  # --prioritize: whole
+    chunk_size = args.prioritized_chunk_size or (PRIORITIZED_CHUNK_SIZE if ranges else None)
     try:
         platform = Platform.parse(args.platform) if args.platform else None
     except ValueError as exc:
         print(f"crfs convert: {exc}", file=sys.stderr)
         return 2
-    options = ConvertOptions(chunk_size=args.chunk_size, prioritized=tuple(prioritized), platform=platform, parallel_layers=args.parallel)
+    options = ConvertOptions(chunk_size=args.chunk_size, prioritized=tuple(prioritized), prioritized_ranges=ranges,
+                             prioritized_chunk_size=chunk_size, platform=platform, parallel_layers=args.parallel)
     config = RegistryConfig(insecure_hosts=frozenset(args.insecure), docker_config=args.docker_config)
     progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
     try:
@@ -219,6 +234,9 @@ def _register_optimize(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dst", metavar="DST")
     p.add_argument("--profile", metavar="FILE", help="use this saved profile instead of running a command")
     p.add_argument("--save-profile", metavar="FILE", help="write the recorded profile here (for --profile later)")
+    p.add_argument("--prioritized-chunk-size", type=_positive, default=PRIORITIZED_CHUNK_SIZE, metavar="N",
+                   help=f"bytes per chunk of the prioritized files, so that mounts prefetch only the chunks read "
+                   f"(default {PRIORITIZED_CHUNK_SIZE // 1024} KiB)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="stop the command after this long and use what it read (default 60)")
     p.add_argument("--insecure", action="append", default=[], metavar="HOST", help="allow plain HTTP to HOST (loopback always may)")
     p.set_defaults(func=_optimize, command=[], takes_command=True)  # CMD: what follows "--"
@@ -232,6 +250,7 @@ def _optimize(args: argparse.Namespace) -> int:
         with RegistryClient(RegistryConfig(insecure_hosts=frozenset(args.insecure))) as client:
             digest, paths = optimize(args.src, args.dst, command, client, profile=args.profile,
                                      save_profile=args.save_profile, timeout=args.timeout,
+                                     prioritized_chunk_size=args.prioritized_chunk_size,
                                      report=lambda text: print(f"crfs optimize: {text}", file=sys.stderr, flush=True))
     except (OptimizeError, ConvertError, RegistryError, LayoutError, StargzError, OSError) as exc:
         print(f"crfs optimize: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -4,7 +4,8 @@ SRC and DST are registry references (``host/repo:tag``, optionally
 ``docker://``-prefixed) or OCI layout directories (``oci:DIR:TAG``). Per
 image manifest: each layer is fetched (digest-verified) to a temporary file,
 converted with the stargz writer, and stored in DST with the annotations a
-lazy-pulling snapshotter reads (TOC digest, uncompressed size); the config's
+lazy-pulling snapshotter reads (TOC digest, uncompressed size; with
+prioritized files, what to prefetch: see ``prefetch_hints``); the config's
 ``rootfs.diff_ids`` and the manifest are rewritten. An index is converted per
 platform, or reduced to one platform with ``--platform``.
 
@@ -21,9 +22,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Optional, Protocol
+from typing import BinaryIO, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from .ocilayout import OciLayout, parse_oci_ref
+from .prefetch_hints import Range, annotations as prefetch_annotations, layer_hints, read_profile_lines
 from .registry.client import RegistryClient, Repository
 from .registry.digest import Verifier
 from .registry.manifest import (
@@ -35,6 +37,8 @@ from .registry.manifest import (
     select_platform,
 )
 from .registry.reference import parse_reference
+from .stargz.reader import StargzReader
+from .stargz.source import FileSource
 from .stargz.writer import DEFAULT_CHUNK_SIZE, BuildResult, build
 
 log = logging.getLogger(__name__)
@@ -56,8 +60,9 @@ MAX_CONFIG_BYTES = 8 << 20
 
 def read_paths(lines: Iterable[str]) -> list[str]:
     """Paths to prioritize, one per line (a ``--prioritize-file`` or a
-    ``crfs optimize`` profile); blank lines and ``#`` comments skipped."""
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    ``crfs optimize`` profile); blank lines and ``#`` comments skipped.
+    ``prefetch_hints.read_profile_lines`` gives the ranges read too."""
+    return read_profile_lines(lines).paths
 
 
 class ConvertError(Exception):
@@ -68,6 +73,10 @@ class ConvertError(Exception):
 class ConvertOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     prioritized: tuple[str, ...] = ()
+    # of some prioritized paths, the (offset, length) ranges read: the
+    # prefetch-ranges annotation hints just their chunks (of the others, all)
+    prioritized_ranges: Mapping[str, Sequence[Range]] = field(default_factory=dict)
+    prioritized_chunk_size: Optional[int] = None  # chunk the prioritized files finer
     platform: Optional[Platform] = None  # None: every platform of an index
     parallel_layers: int = 2
     tmp_dir: Optional[Path] = None
@@ -209,16 +218,17 @@ class Converter:
         with tempfile.TemporaryDirectory(prefix="crfs-convert-", dir=self.options.tmp_dir) as tmp:
             with ThreadPoolExecutor(max_workers=max(1, self.options.parallel_layers)) as pool:
                 converted = list(pool.map(lambda d: self._convert_layer(d, Path(tmp)), layers))
-        results = [result for result, _ in converted]
-        nowhere = set(self.options.prioritized).intersection(*(missing for _, missing in converted))
+        results = [result for result, _, _ in converted]
+        nowhere = set(self.options.prioritized).intersection(*(missing for _, missing, _ in converted))
         if nowhere:
             raise ConvertError(f"prioritized files in no layer of {manifest.digest}: {', '.join(sorted(nowhere))}")
         new_layers = []
-        for desc, result in zip(layers, results):
+        for i, (desc, result) in enumerate(zip(layers, results)):
             annotations = {
                 **desc.annotations,
                 TOC_DIGEST_ANNOTATION: result.toc_digest,
                 UNCOMPRESSED_SIZE_ANNOTATION: str(result.uncompressed_size),
+                **_prefetch_annotations(i, [hints for _, _, hints in converted]),
             }
             media_type = DOCKER_LAYER_GZIP if docker else OCI_LAYER_GZIP
             new_layers.append(Descriptor(media_type, result.digest, result.size, annotations=annotations).to_json())
@@ -249,8 +259,9 @@ class Converter:
             raise ConvertError(f"config {desc.digest} has no rootfs")
         return config
 
-    def _convert_layer(self, desc: Descriptor, tmp: Path) -> tuple[BuildResult, set[str]]:
-        """The layer as eStargz, pushed; and the prioritized paths it lacks."""
+    def _convert_layer(self, desc: Descriptor, tmp: Path) -> tuple[BuildResult, set[str], Optional[LayerHints]]:
+        """The layer as eStargz, pushed; the prioritized paths it lacks; what
+        to prefetch of it (None: nothing prioritized)."""
         state = LayerProgress(desc.digest)
         missing: list[str] = []
         src_path = tmp / (desc.digest.replace(":", "-") + ".in")
@@ -265,7 +276,9 @@ class Converter:
                 prioritized=self.options.prioritized,
                 tmp_dir=tmp,
                 missing_prioritized=missing,  # each layer holds only some of them
+                prioritized_chunk_size=self.options.prioritized_chunk_size,
             )
+            hints = self._hints(out_path) if self.options.prioritized else None
         except Exception as exc:
             raise ConvertError(f"layer {desc.digest}: {exc}") from exc
         finally:
@@ -277,11 +290,37 @@ class Converter:
         state.pushed, state.done = result.size, True
         self._report(state)
         log.info("layer %s -> %s (toc %s)", desc.digest, result.digest, result.toc_digest)
-        return result, set(missing)
+        return result, set(missing), hints
+
+    def _hints(self, blob: Path) -> Optional[LayerHints]:
+        """What to prefetch of a written layer: its TOC's chunks that hold
+        what the profile says is read of the prioritized files."""
+        with FileSource(blob) as source:
+            toc = StargzReader.open(source).toc
+        if toc.prefetch_size is None:
+            return None
+        return LayerHints(toc.prefetch_size, layer_hints(toc, self.options.prioritized, self.options.prioritized_ranges))
 
     def _report(self, state: LayerProgress) -> None:
         if self.progress is not None:
             self.progress(state)
+
+
+@dataclass(frozen=True)
+class LayerHints:
+    prefetch_size: int  # the prioritized region: where the landmark starts
+    ranges: dict[str, list[Range]]  # blob ranges per prioritized path in the layer
+
+
+def _prefetch_annotations(index: int, hints: list[Optional[LayerHints]]) -> dict[str, str]:
+    """The prefetch annotations of layer ``index``: the chunks of its
+    prioritized files that a higher layer does not hide (those are read
+    from the higher layer; their copy here stays first all the same)."""
+    own = hints[index]
+    if own is None:
+        return {}
+    above = {path for h in hints[index + 1 :] if h is not None for path in h.ranges}
+    return prefetch_annotations(own.prefetch_size, (r for path, ranges in own.ranges.items() if path not in above for r in ranges))
 
 
 class _Counting:

@@ -215,6 +215,63 @@ class RemoteChunks:
         self._counters.add("chunks_cached", kept)
         return kept
 
+    # --- for bytes fetched before the TOC was known (the prefetch hint) ------
+
+    def claim_missing(self, chunks: Sequence[ChunkRef]) -> dict[ChunkKey, Future[bytes]]:
+        """In-flight futures for the ``chunks`` that are neither local nor
+        being fetched: reads of them wait for the caller, which must answer
+        every one (``settle`` / ``fetch_claimed`` / ``abandon``)."""
+        if self._closed:
+            return {}
+        wanted = [c for c in chunks if not self.is_local(c)]
+        owned: dict[ChunkKey, Future[bytes]] = {}
+        with self._lock:
+            for chunk in wanted:
+                key = chunk_key(chunk)
+                if key not in self._inflight and key not in owned:
+                    owned[key] = self._inflight[key] = Future()
+        return owned
+
+    def settle(
+        self, pieces: Sequence[tuple[int, bytes]], chunks: Sequence[ChunkRef], futs: dict[ChunkKey, Future[bytes]],
+    ) -> tuple[list[ChunkRef], list[ChunkRef]]:
+        """Claimed ``chunks`` lying wholly in one of ``pieces`` ((offset,
+        bytes) of the blob, from an unverified source) are decoded and
+        verified like fetched ones, cached and answered; returns (taken, the
+        rest: failed verification or not covered, still unanswered)."""
+        taken: list[ChunkRef] = []
+        rest: list[ChunkRef] = []
+        starts = [off for off, _ in pieces]
+        for chunk in chunks:
+            off, length = chunk.compressed_range
+            i = bisect.bisect_right(starts, off) - 1
+            if i < 0 or not chunk.digest or off + length > pieces[i][0] + len(pieces[i][1]):
+                rest.append(chunk)
+                continue
+            lo = off - pieces[i][0]
+            try:
+                data = decode_chunk(chunk, [pieces[i][1][lo : lo + length]])
+            except (VerificationError, FormatError) as exc:
+                self._counters.add("digest_failures")
+                log.error("blob %s: hinted chunk at %d failed verification (fetched again): %s", self.blob_digest, off, exc)
+                rest.append(chunk)
+                continue
+            if self.cache is not None and self.cache.put(self.blob_digest, chunk, data):
+                self._counters.add("chunks_cached")
+            self._resolve(chunk, futs, data)
+            taken.append(chunk)
+        return taken, rest
+
+    def fetch_claimed(self, chunks: Sequence[ChunkRef], futs: dict[ChunkKey, Future[bytes]]) -> bool:
+        """Fetch claimed ``chunks`` the ordinary way, in the calling thread
+        (with the verification retries); every future is answered. True if all arrived."""
+        for span in plan_spans(chunks, self.config.gap, self.config.max_span):
+            self._fetch_span(span, futs)
+        return all(futs[chunk_key(c)].done() and futs[chunk_key(c)].exception() is None for c in chunks)
+
+    def abandon(self, chunks: Sequence[ChunkRef], futs: dict[ChunkKey, Future[bytes]], why: str) -> None:
+        self._fail(chunks, futs, ChunkUnavailable(f"blob {self.blob_digest}: {why}"))
+
     def is_local(self, chunk: ChunkRef) -> bool:
         return self.cache is not None and self.cache.contains(self.blob_digest, chunk)
 

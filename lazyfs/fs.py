@@ -93,9 +93,10 @@ class LayerFS(pyfuse3.Operations):
         no_open: bool | None = None, record_access: bool = False,
     ) -> None:
         super().__init__()
-        # files read, in first-read order (crfs optimize's profile); an
-        # insertion-ordered dict as the ordered set
-        self.accessed: dict[str, None] | None = {} if record_access else None
+        # files read, in first-read order (crfs optimize's profile), each with
+        # the byte ranges read: sorted, disjoint, non-adjacent [start, end)
+        # pairs (see ``add_range``); an insertion-ordered dict
+        self.accessed: dict[str, list[list[int]]] | None = {} if record_access else None
         if no_open is None:
             no_open = NO_OPEN_SUPPORTED
         elif no_open and not NO_OPEN_SUPPORTED:
@@ -200,8 +201,8 @@ class LayerFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         entry = self._node(fh).entry
-        if self.accessed is not None and entry.name not in self.accessed:
-            self.accessed[entry.name] = None
+        if self.accessed is not None:
+            add_range(self.accessed.setdefault(entry.name, []), off, min(off + size, entry.size))
         chunks = self.tree.toc.chunks_for_range(entry.name, off, size)
         if not chunks:
             return b""
@@ -248,6 +249,23 @@ class LayerFS(pyfuse3.Operations):
         self.stats.read_errors += 1
         self.stats.last_error = f"{name}: {exc}"
         log.error("read %r [%d, +%d) failed: %s", name, off, size, exc)
+
+
+def add_range(ranges: list[list[int]], start: int, end: int) -> None:
+    """Adds ``[start, end)`` to sorted, disjoint ``[start, end]`` pairs,
+    merging it with those it overlaps or touches; an empty range is ignored."""
+    if start >= end:
+        return
+    i = bisect.bisect_left(ranges, start, key=_range_end)  # first one ending at or after start
+    j = i
+    while j < len(ranges) and ranges[j][0] <= end:
+        start, end = min(start, ranges[j][0]), max(end, ranges[j][1])
+        j += 1
+    ranges[i:j] = [[start, end]]
+
+
+def _range_end(pair: list[int]) -> int:
+    return pair[1]
 
 
 def _file_offset(chunk: ChunkRef) -> int:

@@ -12,6 +12,7 @@ one, which holds every change made through DIR, is kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from . import mount
 from .layer_source import REGISTRY_SCHEME, RemoteOptions
+from .prefetch_hints import prefetch_hint
 
 DOCKER_SCHEME = "docker://"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
@@ -81,7 +83,9 @@ def mount_image(
             layer_dir = base / "layers" / str(index)
             layer_dir.mkdir(parents=True)
             toc_digest = layer.annotations.get(TOC_DIGEST_ANNOTATION)
-            pid = mount.start(f"{REGISTRY_SCHEME}{repo}@{layer.digest}", layer_dir, toc_digest=toc_digest, remote=remote)
+            # the descriptor's prefetch annotations, as a snapshotter gets them as labels
+            hinted = dataclasses.replace(remote, prefetch_ranges=prefetch_hint(layer.annotations))
+            pid = mount.start(f"{REGISTRY_SCHEME}{repo}@{layer.digest}", layer_dir, toc_digest=toc_digest, remote=hinted)
             record.layers.append(str(layer_dir))
             record.pids.append(pid)
         if not record.layers:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +29,7 @@ from .stargz.reader import StargzReader
 from .stargz.source import BlobSource, FileSource
 from .stargz.toc import Toc
 
+log = logging.getLogger(__name__)
 REGISTRY_SCHEME = "registry://"
 # A registry layer is opened with one request for its last bytes: the footer
 # and a small TOC (a larger one takes one more request); file chunks in them
@@ -63,6 +67,13 @@ class RemoteOptions:
     memory_limit_mib: int | None = None
     # record which files are read, in order (status "accessed"; crfs optimize)
     record_access: bool = False
+    # blob byte ranges to fetch at once, while the TOC is read: "OFFSET:LENGTH,..."
+    # (the layer's prefetch label, lazyfs.prefetch.prefetch_hint); a bad one is ignored
+    prefetch_ranges: str | None = None
+    # without prefetch_ranges: the digest of an image manifest listing this
+    # layer (same repository); its descriptor's prefetch annotations are the
+    # hint (a layer mounted ahead of its own Prepare has no labels of its own)
+    prefetch_manifest: str | None = None
 
 
 @dataclass
@@ -88,10 +99,11 @@ class OpenedLayer:
 def open_layer(source: str, *, toc_digest: str | None = None, remote: RemoteOptions = RemoteOptions()) -> OpenedLayer:
     """Fetch the footer and TOC of ``source`` (checked against ``toc_digest``)."""
     if source.startswith(("https://", "http://")):
-        return _open_remote(source, _http_source(source), remote.blob_digest, toc_digest, remote)
+        return _open_remote(source, _http_source(source), remote.blob_digest, toc_digest, remote, ranges=_hint_ranges(remote))
     if source.startswith(REGISTRY_SCHEME):
-        blob, digest, close = _registry_source(source, remote)
-        return _open_remote(source, blob, digest, toc_digest, remote, [close])
+        slots = _fetch_slots(remote)
+        blob, digest, close, hint = _registry_source(source, remote, _hint_ranges(remote), slots[0])
+        return _open_remote(source, blob, digest, toc_digest, remote, [close], hint=hint, slots=slots)
     if "://" in source:
         raise UnsupportedSource(f"{source}: unknown scheme (want a path, https:// or {REGISTRY_SCHEME})")
     blob = FileSource(source)
@@ -110,9 +122,39 @@ def _http_source(url: str) -> BlobSource:
     return HttpBlobSource(url)
 
 
-def _registry_source(source: str, options: RemoteOptions) -> tuple[BlobSource, str, Callable[[], None]]:
+def _hint_ranges(options: RemoteOptions) -> list[tuple[int, int]] | None:
+    """The prefetch hint's ranges; a bad one is logged and dropped."""
+    if not options.prefetch_ranges:
+        return None
+    from .prefetch_hints import BadPrefetchRanges, parse_prefetch_ranges  # noqa: PLC0415
+
+    try:
+        return parse_prefetch_ranges(options.prefetch_ranges)
+    except BadPrefetchRanges as exc:
+        log.warning("ignoring the prefetch hint %.60r: %s", options.prefetch_ranges, exc)
+        return None
+
+
+def _fetch_slots(options: RemoteOptions) -> tuple[Any, Any]:
+    """(every request's slots, the background slot), host-wide; or (None, None)."""
+    if not options.fetch_slots_dir:
+        return None, None
+    from .fetchslots import FetchSlots  # noqa: PLC0415
+
+    # every request takes one of fetch_slots host-wide; background
+    # requests also the single background slot: one layer at a time
+    return (FetchSlots(options.fetch_slots_dir, options.fetch_slots),
+            FetchSlots(os.path.join(options.fetch_slots_dir, "background"), 1))
+
+
+def _registry_source(
+    source: str, options: RemoteOptions, ranges: list[tuple[int, int]] | None = None, slots: Any = None,
+) -> tuple[BlobSource, str, Callable[[], None], Any]:
+    """The blob (its tail read already) and, with ``ranges``, the hint's
+    requests started before that tail read, so that both travel at once."""
     from .registry.client import RegistryClient  # noqa: PLC0415
     from .registry.config import RegistryConfig  # noqa: PLC0415
+    from .remote_layer import HintedFetch  # noqa: PLC0415
     from .remote_source import RegistryBlobSource  # noqa: PLC0415
 
     ref, sep, digest = source.removeprefix(REGISTRY_SCHEME).rpartition("@")
@@ -125,41 +167,81 @@ def _registry_source(source: str, options: RemoteOptions) -> tuple[BlobSource, s
             base = RegistryConfig.from_dict(json.load(f), options.registry_config)
     config = dataclasses.replace(base, read_timeout=min(base.read_timeout, deadline), retry_budget=deadline)
     client = RegistryClient(config)
+    hint = None
     try:
-        return RegistryBlobSource(client.repository(ref), digest, tail=OPEN_TAIL_BYTES), digest, client.close
+        repo = client.repository(ref)
+
+        def start_hint(ranges: list[tuple[int, int]]) -> Any:
+            return HintedFetch(lambda rs: repo.get_ranges(digest, rs), ranges, blob_digest=digest, slots=slots,
+                               deadline=deadline, workers=2)
+
+        if ranges:
+            hint = start_hint(ranges)
+            blob = RegistryBlobSource(repo, digest, tail=OPEN_TAIL_BYTES)
+        elif options.prefetch_manifest:
+            # the manifest's round trip runs beside the tail read; the hinted
+            # requests start when it is back, still long before the TOC is parsed
+            looking: Future[Any] = Future()
+            threading.Thread(target=_hint_from_manifest, name="hint-manifest", daemon=True,
+                             args=(repo, options.prefetch_manifest, digest, start_hint, looking)).start()
+            blob = RegistryBlobSource(repo, digest, tail=OPEN_TAIL_BYTES)
+            hint = looking.result()
+        else:
+            blob = RegistryBlobSource(repo, digest, tail=OPEN_TAIL_BYTES)
+        return blob, digest, client.close, hint
     except BaseException:
+        if hint is not None:
+            hint.close()
         client.close()
         raise
 
 
+def _hint_from_manifest(
+    repo: Any, manifest_digest: str, blob_digest: str, start: Callable[[list[tuple[int, int]]], Any], out: Future[Any],
+) -> None:
+    """``out``: a started hint from the manifest's descriptor of the blob, or
+    None (no such descriptor, no hint in it, or the manifest unavailable:
+    a hint never fails a mount)."""
+    from .prefetch_hints import parse_prefetch_ranges, prefetch_hint  # noqa: PLC0415
+
+    hint = None
+    try:
+        manifest = repo.get_manifest(manifest_digest)  # verified against its digest
+        layer = next((d for d in manifest.layers if d.digest == blob_digest), None) if not manifest.is_index else None
+        spec = prefetch_hint(layer.annotations) if layer is not None else None
+        if spec:
+            hint = start(parse_prefetch_ranges(spec))
+    except Exception as exc:  # noqa: BLE001 - logged; the mount goes on without a hint
+        log.warning("no prefetch hint from manifest %s: %s", manifest_digest, exc)
+    out.set_result(hint)
+
+
 def _open_remote(
     source: str, blob: BlobSource, blob_digest: str | None, toc_digest: str | None,
-    options: RemoteOptions, closers: list[Callable[[], None]] | None = None,
+    options: RemoteOptions, closers: list[Callable[[], None]] | None = None, *,
+    hint: Any = None, ranges: list[tuple[int, int]] | None = None, slots: tuple[Any, Any] | None = None,
 ) -> OpenedLayer:
     """``lazyfs.remote_layer`` wires fetcher, cache and prefetcher; we only
-    pick the cache and keep what to close."""
+    pick the cache and keep what to close. ``hint``: a ``HintedFetch``
+    started already; ``ranges``: one to start."""
     from .cache import ChunkCache  # noqa: PLC0415 - remote only
     from .fetcher import FetchConfig  # noqa: PLC0415
-    from .fetchslots import FetchSlots  # noqa: PLC0415
     from .prefetch import PrefetchConfig  # noqa: PLC0415
     from .remote_layer import RemoteLayer  # noqa: PLC0415
 
     closers = list(closers or [])
+    if hint is not None:
+        closers.append(hint.close)  # stopped before the client it uses (RemoteLayer.close does it first)
     if hasattr(blob, "close"):
         closers.append(blob.close)
     try:
         cache = ChunkCache(options.cache_dir) if options.cache_dir and blob_digest else None
-        slots = background_slots = None
-        if options.fetch_slots_dir:
-            # every request takes one of fetch_slots host-wide; background
-            # requests also the single background slot: one layer at a time
-            slots = FetchSlots(options.fetch_slots_dir, options.fetch_slots)
-            background_slots = FetchSlots(os.path.join(options.fetch_slots_dir, "background"), 1)
+        slots, background_slots = _fetch_slots(options) if slots is None else slots
         prefetch = PrefetchConfig(background=options.background_fetch, start_delay=options.background_delay,
                                   idle=options.background_idle)
         remote = RemoteLayer.open(blob, blob_digest or "", cache, toc_digest=toc_digest,
                                   fetch=FetchConfig(deadline=options.fetch_deadline, read_around=options.read_around), slots=slots,
-                                  background_slots=background_slots, prefetch=prefetch)
+                                  background_slots=background_slots, prefetch=prefetch, prefetch_ranges=ranges, hint=hint)
         closers.append(remote.close)
         remote.reader.release_toc_json()  # a mount serves the parsed TOC only
         if hasattr(blob, "take_tail"):

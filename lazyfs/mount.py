@@ -79,7 +79,10 @@ def serve(
                 **asdict(fs.stats),
                 **asdict(fs.memo.stats),
                 "store": layer.store_stats(),
-                **({"accessed": list(fs.accessed)} if fs.accessed is not None else {}),
+                **({"accessed": list(fs.accessed),  # paths, in first-read order
+                    # and the byte ranges of each read: {path: [[offset, length], ...]}
+                    "accessed_ranges": {p: [[s, e - s] for s, e in r] for p, r in fs.accessed.items()}}
+                   if fs.accessed is not None else {}),
             }
 
         async def run() -> None:
@@ -213,6 +216,10 @@ def remote_args(remote: RemoteOptions) -> list[str]:
         args += ["--memory-limit-mib", str(remote.memory_limit_mib)]
     if remote.record_access:
         args.append("--record-access")
+    if remote.prefetch_ranges:
+        args += ["--prefetch-ranges", remote.prefetch_ranges]
+    elif remote.prefetch_manifest:
+        args += ["--prefetch-manifest", remote.prefetch_manifest]
     args += ["--read-around", str(remote.read_around)]
     return args
 
@@ -300,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-around", type=int, default=RemoteOptions.read_around, metavar="BYTES",
                    help="compressed bytes after each fetched range to bring along (0: none)")
     p.add_argument("--record-access", action="store_true", help="record which files are read, in order (status: accessed)")
+    p.add_argument("--prefetch-ranges", metavar="SPEC",
+                   help="OFFSET:LENGTH,... blob byte ranges to fetch while the TOC is read (the layer's prefetch label)")
+    p.add_argument("--prefetch-manifest", metavar="DIGEST",
+                   help="without --prefetch-ranges: take them from this image manifest's descriptor of the layer")
     p.add_argument("--no-allow-other", action="store_true", help="do not let other users read the mount")
     p.add_argument("--debug", action="store_true")
     return p
@@ -320,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                                fetch_deadline=args.fetch_deadline, registry_config=args.registry_config,
                                fetch_slots_dir=args.fetch_slots_dir, fetch_slots=args.fetch_slots,
                                memory_limit_mib=args.memory_limit_mib, record_access=args.record_access,
-                               read_around=args.read_around)
+                               read_around=args.read_around, prefetch_ranges=args.prefetch_ranges,
+                               prefetch_manifest=args.prefetch_manifest)
         layer = open_layer(args.source, toc_digest=args.toc_digest, remote=remote)
     except Exception as exc:  # noqa: BLE001 - reported, then a non-zero exit
         log.error("cannot open %s: %s", args.source, exc)

@@ -7,9 +7,13 @@ mounted lazily the way ``crfs mount docker://`` does with every layer
 process recording which files are read, in order (lazyfs sees each read
 itself, page faults of mapped libraries included), and CMD runs in a
 container on it: its own mount and PID namespaces, chrooted, with /proc,
-/dev and a /tmp. What was read becomes the profile, one path per line; SRC
-is then converted again as DST with those files prioritized. A saved profile
-(``--profile``) skips the run.
+/dev and a /tmp. What was read becomes the profile: the paths in order,
+each with the byte ranges read (the FUSE reads, shaped by the kernel's
+readahead), in the format ``prefetch_hints`` describes. SRC is then
+converted again as DST with those files prioritized, chunked finer
+(``PRIORITIZED_CHUNK_SIZE``), and each layer's descriptor annotated with
+the blob ranges of just the chunks read, for a mount to prefetch. A saved
+profile (``--profile``; a path-only one too) skips the run.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import image_mount, mount
-from .convert import ConvertOptions, Converter, open_store, read_paths
+from .convert import ConvertOptions, Converter, open_store
 from .layer_source import RemoteOptions
+from .prefetch_hints import PRIORITIZED_CHUNK_SIZE, Profile, ProfileError, Range, format_profile, merge_ranges, read_profile_lines
 from .registry.client import RegistryClient
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -45,41 +50,55 @@ class RunResult:
     output: str
 
 
-def read_profile(path: str | os.PathLike[str]) -> list[str]:
-    """Paths from a profile file (``#`` comments and blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        return read_paths(f)
+def read_profile(path: str | os.PathLike[str]) -> Profile:
+    """A profile file: the paths, and the ranges read of those it has them for."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        try:
+            return read_profile_lines(f)
+        except ProfileError as exc:
+            raise OptimizeError(f"profile {path}: {exc}") from None
 
 
-def write_profile(path: str | os.PathLike[str], paths: Sequence[str], command: Sequence[str]) -> None:
+def write_profile(path: str | os.PathLike[str], paths: Sequence[str], command: Sequence[str],
+                  ranges: dict[str, list[Range]] | None = None) -> None:
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(f"# crfs optimize profile: files read by {shlex.join(command)}, in order\n" + "".join(p + "\n" for p in paths))
+    header = f"crfs optimize profile: files read by {shlex.join(command)}, in order\n" \
+             "(#ranges OFFSET:LENGTH,...: the bytes read of the file above)"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(format_profile(paths, ranges or {}, header))
     tmp.replace(path)
 
 
-def convert(src: str, dst: str, client: RegistryClient, prioritized: Sequence[str] = ()) -> str:
+def convert(src: str, dst: str, client: RegistryClient, prioritized: Sequence[str] = (),
+            ranges: dict[str, list[Range]] | None = None, prioritized_chunk_size: int | None = None) -> str:
     """SRC as eStargz at DST; the manifest digest."""
-    options = ConvertOptions(prioritized=tuple(prioritized))
+    options = ConvertOptions(prioritized=tuple(prioritized), prioritized_ranges=ranges or {},
+                             prioritized_chunk_size=prioritized_chunk_size)
     return Converter(open_store(src, client, create=False), open_store(dst, client, create=True), options).run()
 
 
 def record(reference: str, command: Sequence[str], workdir: Path, *, timeout: float, env: dict[str, str],
-           cwd: str = "/", remote: RemoteOptions = RemoteOptions()) -> tuple[list[str], RunResult]:
+           cwd: str = "/", remote: RemoteOptions = RemoteOptions()) -> tuple[Profile, RunResult]:
     """Mount ``reference`` lazily with access recording, run ``command`` in
     it; the files read (each once, in first-read order, bottom layer's
-    first where a path is in several) and how the run went."""
+    first where a path is in several) with the ranges read, and how the run went."""
     root = workdir / "rootfs"
     root.mkdir(parents=True)
     recording = dataclasses.replace(remote, record_access=True, background_fetch=False)
     record_ = image_mount.mount_image(f"{image_mount.DOCKER_SCHEME}{reference}", root, remote=recording)
     try:
         result = run_in_container(root, command, timeout=timeout, env=env, cwd=cwd)
-        accessed: list[str] = []
+        accessed: dict[str, list[Range]] = {}
         for layer_dir in record_.layers:
-            accessed += [p for p in mount.status(layer_dir).get("accessed", []) if p not in accessed]
+            status = mount.status(layer_dir)
+            layer_ranges = status.get("accessed_ranges", {})
+            for p in status.get("accessed", []):
+                # (a path in several layers is read from the top one only)
+                accessed.setdefault(p, []).extend((off, length) for off, length in layer_ranges.get(p, []))
     finally:
         image_mount.unmount_image(root)
-    return accessed, result
+    # a file of which no byte was read (an empty one) counts as read whole
+    return Profile(list(accessed), {p: merge_ranges(r) for p, r in accessed.items() if r}), result
 
 
 def run_in_container(root: Path, command: Sequence[str], *, timeout: float, env: dict[str, str], cwd: str = "/") -> RunResult:
@@ -117,11 +136,12 @@ def image_env(reference: str, client: RegistryClient) -> tuple[dict[str, str], s
 
 def optimize(src: str, dst: str, command: Sequence[str], client: RegistryClient, *, profile: str | None = None,
              save_profile: str | None = None, timeout: float = 60.0,
+             prioritized_chunk_size: int | None = PRIORITIZED_CHUNK_SIZE,
              report: Callable[[str], None] = lambda text: None) -> tuple[str, list[str]]:
     """DST optimized for ``command`` (or for the saved ``profile``); the
     manifest digest and the prioritized paths."""
     if profile is not None:
-        paths = read_profile(profile)
+        recorded = read_profile(profile)
     else:
         if not command:
             raise OptimizeError("give a command to profile (after --) or a saved --profile")
@@ -130,15 +150,18 @@ def optimize(src: str, dst: str, command: Sequence[str], client: RegistryClient,
         env, cwd = image_env(dst, client)
         with tempfile.TemporaryDirectory(prefix="crfs-optimize-") as work:
             report(f"running {shlex.join(command)} on a lazy mount of {dst}")
-            paths, result = record(dst, command, Path(work), timeout=timeout, env=env, cwd=cwd)
+            recorded, result = record(dst, command, Path(work), timeout=timeout, env=env, cwd=cwd)
         if result.exit_code is None:
             report(f"the command was stopped after {timeout:g}s (what it read so far is the profile)")
         elif result.exit_code != 0:
             raise OptimizeError(f"{shlex.join(command)} failed (exit {result.exit_code}):\n{result.output[-2000:]}")
-        report(f"it read {len(paths)} files in {result.seconds:.2f}s")
+        report(f"it read {len(recorded.paths)} files in {result.seconds:.2f}s")
         if save_profile:
-            write_profile(save_profile, paths, command)
+            write_profile(save_profile, recorded.paths, command, recorded.ranges)
+    paths = recorded.paths
     if not paths:
         raise OptimizeError("the profile is empty: nothing to prioritize")
     report(f"converting {src} to {dst} with {len(paths)} prioritized files")
-    return convert(src, dst, client, paths), paths
+    # chunked finer only where that can spare a mount bytes
+    chunk_size = prioritized_chunk_size if recorded.ranges else None
+    return convert(src, dst, client, paths, recorded.ranges, chunk_size), paths

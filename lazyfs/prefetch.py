@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from .chunks import ChunkUnavailable
 from .fetcher import ChunkKey, RemoteChunks, chunk_key, plan_spans
@@ -27,7 +27,6 @@ from .fetchslots import FetchSlots, NoFetchSlot
 from .stargz.toc import ChunkRef, EntryType, Toc
 
 log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class PrefetchConfig:
@@ -100,12 +99,15 @@ class Prefetcher:
 
     def __init__(
         self, remote: RemoteChunks, toc: Toc, config: PrefetchConfig = PrefetchConfig(), slots: FetchSlots | None = None,
+        *, skip: Collection[ChunkKey] = (),
     ) -> None:
+        """``skip``: prioritized chunks someone else fetches already (the
+        layer's prefetch hint): the priority request leaves them out."""
         self.remote = remote
         self.config = config
         self.slots = slots  # the host-wide background slot(s), if any
         self._chunks = list(remote.layout) or layer_chunks(toc)  # the fetcher's, when it has them
-        self._priority = prioritized_chunks(toc, self._chunks)
+        self._priority = [c for c in prioritized_chunks(toc, self._chunks) if chunk_key(c) not in skip]
         self._total = sum(c.size for c in self._chunks)
         self._local: set[ChunkKey] = set()
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ left running, and clears mounts nobody owns (left by a crash).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -71,8 +72,13 @@ class LayerMounts:
     def _mount(self, layer: RemoteLayer) -> Path:
         mountpoint = self.mountpoint(layer.digest)
         mountpoint.mkdir(mode=0o755, exist_ok=True)
+        remote = self._remote
+        if hint := getattr(layer, "prefetch_ranges", ""):  # remote.HintedLayer: a label named bytes to prefetch
+            remote = dataclasses.replace(remote, prefetch_ranges=hint)
+        elif manifest := getattr(layer, "prefetch_manifest", ""):  # premounted: the hint is in the manifest
+            remote = dataclasses.replace(remote, prefetch_manifest=manifest)
         try:
-            self._supervisor.acquire(layer.digest, layer.source, mountpoint, layer.toc_digest or None, self._remote)
+            self._supervisor.acquire(layer.digest, layer.source, mountpoint, layer.toc_digest or None, remote)
         except SupervisorError as exc:
             self._remove_dir(layer.digest)
             raise LayerUnavailable(str(exc)) from None
@@ -106,7 +112,7 @@ class LayerMounts:
     def _premount(self, layer: RemoteLayer, done: threading.Event) -> None:
         try:
             with self._premount_slots:
-                self._mount(RemoteLayer(layer.digest, layer.source))  # no TOC digest yet: checked on claim
+                self._mount(dataclasses.replace(layer, toc_digest=""))  # no TOC digest yet: checked on claim
         except LayerUnavailable as exc:
             log.info("premounting layer %s failed (its Prepare will try again): %s", layer.digest, exc)
             with self._premount_lock:

@@ -7,14 +7,19 @@ descriptor's annotations under ``containerd.io/snapshot/``: the CRI plugin
 reference and the layer digest there, and eStargz images carry the TOC
 digest. With all three, the layer can be mounted from its registry and
 every chunk verified; without them the Prepare is an ordinary one.
+
+A layer's prefetch label (``crfs optimize``'s byte ranges, or the
+stargz-snapshotter's prefetch size) goes to its mount process, which
+fetches those bytes while it reads the TOC.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from lazyfs.layer_source import REGISTRY_SCHEME
+from lazyfs.prefetch_hints import prefetch_hint
 from lazyfs.registry.digest import is_digest
 from lazyfs.registry.errors import InvalidReference
 from lazyfs.registry.reference import parse_reference
@@ -22,12 +27,25 @@ from lazyfs.registry.reference import parse_reference
 from .store import REF_LABEL, RemoteLayer
 
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
+MANIFEST_DIGEST_LABEL = "containerd.io/snapshot/cri.manifest-digest"
 LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
 # this layer and the image's next ones: "for preparing layers in parallel"
 IMAGE_LAYERS_LABEL = "containerd.io/snapshot/cri.image-layers"
 TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
 # set on the snapshots crfs commits itself (the stargz-snapshotter's name)
 REMOTE_LABEL = "containerd.io/snapshot/remote"
+
+
+@dataclass(frozen=True)
+class HintedLayer(RemoteLayer):
+    """A ``RemoteLayer`` and what its labels say to prefetch at mount
+    (``--prefetch-ranges`` of its mount process; not stored: a mount
+    started again later finds those bytes in the cache). A layer mounted
+    ahead of its Prepare has no labels yet: its mount process reads its
+    hint from the image manifest (``prefetch_manifest``) instead."""
+
+    prefetch_ranges: str = field(default="", compare=False)
+    prefetch_manifest: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,11 @@ def layer_request(labels: Mapping[str, str]) -> Optional[LayerRequest]:
         # chunk digests in the TOC could not be trusted: download instead.
         return None
     repo = f"{REGISTRY_SCHEME}{ref.registry}/{ref.repository}"
+    manifest = labels.get(MANIFEST_DIGEST_LABEL, "")
+    manifest = manifest if _is_digest(manifest) else ""
     upcoming = tuple(
-        RemoteLayer(d, f"{repo}@{d}") for d in labels.get(IMAGE_LAYERS_LABEL, "").split(",") if _is_digest(d) and d != digest
+        HintedLayer(d, f"{repo}@{d}", prefetch_manifest=manifest)
+        for d in labels.get(IMAGE_LAYERS_LABEL, "").split(",") if _is_digest(d) and d != digest
     )
-    return LayerRequest(target, RemoteLayer(digest, f"{repo}@{digest}", toc), upcoming)
+    hint = prefetch_hint(labels) or ""
+    return LayerRequest(target, HintedLayer(digest, f"{repo}@{digest}", toc, hint), upcoming)

@@ -58,6 +58,7 @@ is busy. No module-level state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -318,6 +319,11 @@ class MountSupervisor:
             m.last_error, m.last_error_at = f"mount failed: {exc}", time.time()
             raise SupervisorError(f"cannot mount layer {m.digest} at {m.mountpoint}: {exc}") from exc
         log.info("mounted %s at %s (pid %d)", m.digest, m.mountpoint, pid)
+        if m.remote.prefetch_ranges or m.remote.prefetch_manifest:
+            # the prefetch hint is for the first mount only: a restart would
+            # fetch those bytes again blind (before its TOC tells what the
+            # cache has); the landmark prefetch finds them in the cache instead
+            m.remote = dataclasses.replace(m.remote, prefetch_ranges=None, prefetch_manifest=None)
         return pid
 
     def _stop_mount(self, m: _Mount) -> None:

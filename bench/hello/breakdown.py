@@ -43,9 +43,11 @@ def analyse(sample: dict) -> dict:
     reqs = sorted((t for t in trace if t[0] != "first-output"), key=lambda t: t[5])
     marker = next(t for t in trace if t[0] == "first-output")
     run_start, first_out = marker[5], marker[6]
-    # rpull's own requests: GET /v2/, the manifest, the config; then the layer mounts'
-    metadata_done = reqs[2][6] if len(reqs) > 2 else 0.0
-    mounts = reqs[3:]
+    # rpull's own requests: the manifest, the config (and a GET /v2/ before
+    # them in traces from before the ping went); then the layer mounts'
+    pings = 1 if reqs and reqs[0][1] == "" else 0
+    metadata_done = reqs[pings + 1][6] if len(reqs) > pings + 1 else 0.0
+    mounts = reqs[pings + 2:]
     before_run = [t for t in mounts if t[5] < run_start]
     in_run = [t for t in reqs if t[5] >= run_start]
     busy = busy_time([(t[5], t[6]) for t in in_run])

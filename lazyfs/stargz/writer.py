@@ -4,8 +4,9 @@ Layout, as the reference writer makes it: tar headers go into the current
 gzip member; every chunk of file data (``chunk_size`` bytes at most) starts
 a new member, which also takes the padding and headers that follow it; then
 the TOC (``stargz.index.json`` in a tar in its own member) and the footer.
-Prioritized files come first, followed by ``.prefetch.landmark``; without
-any, the layer starts with ``.no.prefetch.landmark``.
+Prioritized files come first (optionally in smaller chunks than the rest),
+followed by ``.prefetch.landmark``; without any, the layer starts with
+``.no.prefetch.landmark``.
 
 Two passes over an uncompressed copy of the input (a temp file if the input
 is gzipped): the first reads only headers, to drop duplicates and put
@@ -89,6 +90,7 @@ def build(
     workers: int | None = None,
     tmp_dir: str | os.PathLike[str] | None = None,
     missing_prioritized: list[str] | None = None,
+    prioritized_chunk_size: int | None = None,
 ) -> BuildResult:
     """Convert the tar or tar.gz at ``src`` to an eStargz blob at ``dst``.
 
@@ -96,8 +98,11 @@ def build(
     targets) go first, in the given order, for prefetching. A prioritized
     path the layer lacks is an error, unless ``missing_prioritized`` is
     given: then it is appended there (an image's profile spans its layers).
+    ``prioritized_chunk_size`` (default ``chunk_size``) chunks the data of
+    the prioritized files finer, so that a reader can prefetch just the
+    parts of them a profile says are read.
     """
-    if chunk_size <= 0:
+    if chunk_size <= 0 or (prioritized_chunk_size is not None and prioritized_chunk_size <= 0):
         raise ValueError("chunk_size must be positive")
     if not 0 <= level <= 9:
         raise ValueError("gzip level must be 0..9")
@@ -108,8 +113,10 @@ def build(
         out = stack.enter_context(open(dst, "wb"))
         pipeline = stack.enter_context(_MemberPipeline(out, level, workers or os.cpu_count() or 1, chunk_size))
         try:
-            layer = _LayerWriter(pipeline, tar.fileno(), chunk_size)
+            layer = _LayerWriter(pipeline, tar.fileno(), prioritized_chunk_size or chunk_size)
             for info, payload in ordered:
+                if payload is not None:  # the landmark: the prioritized files are behind it
+                    layer.chunk_size = chunk_size
                 layer.add(info, payload)
             return layer.close()
         except BaseException:
@@ -242,7 +249,7 @@ class _LayerWriter:
     def __init__(self, pipeline: _MemberPipeline, tar_fd: int, chunk_size: int) -> None:
         self._pipeline = pipeline
         self._tar_fd = tar_fd
-        self._chunk_size = chunk_size
+        self.chunk_size = chunk_size  # for the files added from now on
         self._diff = hashlib.sha256()
         self._uncompressed = 0
         self._toc: list[dict[str, Any]] = []
@@ -269,13 +276,14 @@ class _LayerWriter:
         if size == 0:
             entry["digest"] = _EMPTY_SHA256
             return
-        chunked = size > self._chunk_size
+        chunk_size = self.chunk_size
+        chunked = size > chunk_size
         file_hash = hashlib.sha256() if chunked else None
         chunk = entry
         written = 0
         while True:
-            n = min(self._chunk_size, size - written)
-            if n == self._chunk_size:
+            n = min(chunk_size, size - written)
+            if n == chunk_size:
                 chunk["chunkSize"] = n  # the last, shorter chunk says 0: "to the end"
             data = payload[written : written + n] if payload is not None else self._pread(info, written, n)
             self._end_member()

@@ -1,0 +1,80 @@
+"""``crfs mount docker://…`` hands each layer descriptor's prefetch
+annotation to that layer's mount process, as a snapshotter gets it as a label."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from harness.registry import Registry
+from lazyfs import image_mount, mount
+from lazyfs.layer_source import RemoteOptions
+from lazyfs.prefetch import layer_chunks
+from lazyfs.prefetch_hints import PREFETCH_RANGES_LABEL, STARGZ_PREFETCH_LABEL
+from lazyfs.registry import RegistryClient
+from lazyfs.stargz.reader import StargzReader
+from lazyfs.stargz.source import FileSource
+
+from .helpers import force_unmount, kill
+from .test_image_mount import OCI_MANIFEST, _digest
+from .test_overlay import two_layers
+
+
+def _push(host: str, layers: list[tuple[Path, dict[str, str]]]) -> tuple[str, list[int]]:
+    """An image of ``layers`` (blob, extra annotations); the chunk count of each."""
+    ref = f"{host}/lazy/hinted"
+    descriptors, counts = [], []
+    with RegistryClient() as client:
+        repo = client.repository(ref)
+        for path, extra in layers:
+            blob = path.read_bytes()
+            with FileSource(path) as source:
+                reader = StargzReader.open(source)
+                annotations = {image_mount.TOC_DIGEST_ANNOTATION: reader.toc.digest}
+                annotations.update({k: v.replace("TOC", str(reader.footer.toc_offset)) for k, v in extra.items()})
+                counts.append(len(layer_chunks(reader.toc)))
+            repo.push_blob(blob, _digest(blob))
+            descriptors.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _digest(blob),
+                                "size": len(blob), "annotations": annotations})
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+        repo.push_blob(config, _digest(config))
+        manifest = {
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(config), "size": len(config)},
+            "layers": descriptors,
+        }
+        repo.push_manifest(json.dumps(manifest).encode(), OCI_MANIFEST, tag="v1")
+    return f"docker://{ref}:v1", counts
+
+
+def test_layer_annotations_become_prefetch_hints(tmp_path: Path) -> None:
+    lower, upper = two_layers(tmp_path)
+    merged = tmp_path / "rootfs"
+    merged.mkdir()
+    with Registry(tmp_path / "registry") as registry:
+        ref, counts = _push(registry.host, [
+            (lower, {STARGZ_PREFETCH_LABEL: "TOC"}),  # every chunk (all bytes before the TOC)
+            (upper, {PREFETCH_RANGES_LABEL: "5:1,0:1"}),  # malformed: ignored
+        ])
+        record = image_mount.mount_image(ref, merged, remote=RemoteOptions(cache_dir=str(tmp_path / "cache")))
+        try:
+            layers = [Path(d) for d in record.layers]
+            lower_status = mount.status(layers[0])["store"]
+            assert lower_status["hint"]["ranges"] == 1, lower_status
+            assert "hint" not in mount.status(layers[1])["store"]
+            for _ in range(100):
+                if mount.status(layers[0])["store"]["hint"]["state"] == "done":
+                    break
+                time.sleep(0.05)
+            assert mount.status(layers[0])["store"]["hint"]["chunks_taken"] == counts[0]
+            assert (merged / "b").read_bytes() == b"kept"
+        finally:
+            try:
+                image_mount.unmount_image(merged)
+            except Exception:  # noqa: BLE001 - clean up whatever is left
+                force_unmount(merged)
+                for d, pid in zip(record.layers, record.pids):
+                    force_unmount(Path(d))
+                    kill(pid)
+                raise
