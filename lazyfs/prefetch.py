@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Collection, Sequence
+from typing import Callable, Sequence
 
 from .chunks import ChunkUnavailable
 from .fetcher import ChunkKey, RemoteChunks, chunk_key, plan_spans
@@ -99,15 +99,17 @@ class Prefetcher:
 
     def __init__(
         self, remote: RemoteChunks, toc: Toc, config: PrefetchConfig = PrefetchConfig(), slots: FetchSlots | None = None,
-        *, skip: Collection[ChunkKey] = (),
+        *, hinted: bool = False,
     ) -> None:
-        """``skip``: prioritized chunks someone else fetches already (the
-        layer's prefetch hint): the priority request leaves them out."""
+        """``hinted``: the layer's prefetch hint (``HintedFetch``) says what
+        to fetch first, in place of the prioritized files: there is no
+        priority request (a hint names the bytes a start-up reads; the
+        prioritized files around them would be fetched for nothing)."""
         self.remote = remote
         self.config = config
         self.slots = slots  # the host-wide background slot(s), if any
         self._chunks = list(remote.layout) or layer_chunks(toc)  # the fetcher's, when it has them
-        self._priority = [c for c in prioritized_chunks(toc, self._chunks) if chunk_key(c) not in skip]
+        self._priority = [] if hinted else prioritized_chunks(toc, self._chunks)
         self._total = sum(c.size for c in self._chunks)
         self._local: set[ChunkKey] = set()
         self._lock = threading.Lock()

@@ -288,20 +288,21 @@ class RemoteLayer:
 
         ``prefetch_ranges`` (blob byte ranges, from the layer's descriptor)
         start being fetched right away, while the TOC is read (``HintedFetch``
-        over ``source``); ``hint``: one the caller started even earlier. The
-        prefetcher's priority request leaves out what they cover."""
+        over ``source``); ``hint``: one the caller started even earlier. A
+        hint that applies to the blob replaces the prefetcher's priority
+        request (the prioritized files): it names the bytes to fetch first."""
         if hint is None and prefetch_ranges:
             hint = HintedFetch.from_source(source, prefetch_ranges, blob_digest=blob_digest, slots=slots,
                                            deadline=fetch.deadline, workers=min(2, fetch.max_concurrent))
         try:
             reader = StargzReader.open(source, toc_digest=toc_digest)
             store = RemoteChunks(source, blob_digest, cache, fetch, slots, layout=layer_chunks(reader.toc))
-            skip = hint.attach(store, source.size) if hint is not None else set()
+            hinted = bool(hint.attach(store, source.size)) if hint is not None else False
         except BaseException:
             if hint is not None:
                 hint.close()
             raise
-        prefetcher = Prefetcher(store, reader.toc, prefetch, background_slots, skip=skip) if prefetch is not None else None
+        prefetcher = Prefetcher(store, reader.toc, prefetch, background_slots, hinted=hinted) if prefetch is not None else None
         return cls(reader, store, prefetcher, hint)
 
     def start(self) -> None:

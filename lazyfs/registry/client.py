@@ -158,6 +158,10 @@ class RegistryClient:
         request again over http, and the scheme is kept for the host."""
         h = self._host(ep)
         kw = dict(scopes=scopes, headers=headers, body=body, stream=stream, retry=retry, attempts=attempts)
+        if h.scheme is None and "://" not in path_or_url:
+            with h.lock:  # by connecting only: other threads wait for a handshake, not for a whole request
+                if h.scheme is None:
+                    h.scheme = self._scheme_by_connecting(ep)
         if h.scheme is not None or "://" in path_or_url:
             scheme = h.scheme or origin(path_or_url)[0]
             return self._send(h, scheme, path_or_url, method, **kw)  # type: ignore[arg-type]
@@ -176,6 +180,25 @@ class RegistryClient:
                 h.scheme = scheme
                 return resp
             raise AssertionError("unreachable")
+
+    def _scheme_by_connecting(self, ep: Endpoint) -> Optional[str]:
+        """https, or http where allowed and the peer does not speak TLS, as
+        the handshake of a first connection (kept for the first request)
+        shows; None when it does not tell (unreachable...): the first request
+        then finds out, with its retries and errors."""
+        schemes = ["https", "http"] if self.config.plain_http_allowed(ep.host) else ["https"]
+        for scheme in schemes:
+            try:
+                self.transport.connect(f"{scheme}://{ep.host}/")
+            except TLSError as e:
+                if e.not_tls and scheme != schemes[-1]:
+                    log.debug("%s does not speak TLS, using plain HTTP", ep.host)
+                    continue
+                return None
+            except RegistryError:
+                return None
+            return scheme
+        return None
 
     def _send(
         self,

@@ -146,6 +146,21 @@ class Transport:
                 resp.retry_gave_up = attempts.gave_up_reason
             return resp
 
+    def connect(self, url: str) -> None:
+        """A pooled connection to ``url``'s origin, handshake done: raises
+        TLSError (``not_tls`` when the peer answers TLS with something else),
+        Unreachable, or ConfigError as ``send`` does, without retries."""
+        host = origin(url)[1]
+        self.check_scheme(url)
+        try:
+            self.http.connect(url)
+        except TLSHandshakeError as e:
+            raise tls_failure(e, host) from None
+        except ProxyError as e:
+            raise ConfigError(f"connect {redact(url)}: {e}", host=host) from None
+        except WIRE_ERRORS as e:
+            raise Unreachable(f"cannot connect: {describe(e)}", host=host) from None
+
     def _follow(
         self, method: str, url: str, headers: dict[str, str], body: Body, stream: bool
     ) -> HttpResponse:

@@ -344,6 +344,17 @@ class HttpClient:
             return resp
         raise AssertionError("unreachable")
 
+    def connect(self, url: str) -> None:
+        """Open a connection to ``url``'s origin (the TLS handshake done, for
+        https) and keep it idle for the next request: what a peer speaks is
+        known before any request is sent. Raises as ``request`` does."""
+        parts = urlsplit(url)
+        scheme, host = parts.scheme.lower(), parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
+        proxy = self._proxy_for(scheme, host, port)
+        key = (scheme, host, port, proxy.key if proxy else None)
+        self._release(key, self._connect(scheme, host, port, proxy), True)
+
     def close(self) -> None:
         """Close the idle connections; connections in use close when released."""
         with self._lock:
