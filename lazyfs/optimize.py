@@ -6,8 +6,9 @@ Profiling: SRC is converted to eStargz as DST (nothing prioritized), DST is
 mounted lazily the way ``crfs mount docker://`` does with every layer
 process recording which files are read, in order (lazyfs sees each read
 itself, page faults of mapped libraries included), and CMD runs in a
-container on it: its own mount and PID namespaces, chrooted, with /proc,
-/dev and a /tmp. What was read becomes the profile: the paths in order,
+container on it: its own mount and PID namespaces, /proc, /dev and a
+/tmp, entered the way runc starts a container process (chroot, the image's
+/etc/passwd and /etc/group read, the command exec'd directly). What was read becomes the profile: the paths in order,
 each with the byte ranges read (the FUSE reads, shaped by the kernel's
 readahead), in the format ``prefetch_hints`` describes. SRC is then
 converted again as DST with those files prioritized, chunked finer
@@ -24,6 +25,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -101,17 +103,44 @@ def record(reference: str, command: Sequence[str], workdir: Path, *, timeout: fl
     return Profile(list(accessed), {p: merge_ranges(r) for p, r in accessed.items() if r}), result
 
 
+# What runc does between entering the root and exec: it reads the image's
+# /etc/passwd and /etc/group (to resolve the process user) and execs the
+# command itself, with the image's PATH; the profile should see the same
+# reads, and not those of a shell or ``env`` from the image.
+_LAUNCH = """
+import os, sys
+root, cwd, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+os.chroot(root)
+os.chdir(cwd)
+for name in ("/etc/passwd", "/etc/group"):
+    try:
+        with open(name, "rb") as f:
+            f.read()
+    except OSError:
+        pass
+dirs = [""] if "/" in argv[0] else os.environ.get("PATH", "/usr/bin:/bin").split(":")
+error = "not found"
+for d in dirs:  # the PATH search by hand: os.execvp would import modules, not there after chroot
+    try:
+        os.execv(os.path.join(d, argv[0]), argv)
+    except OSError as e:
+        error = e.strerror
+sys.exit(f"{argv[0]}: {error}")
+"""
+
+
 def run_in_container(root: Path, command: Sequence[str], *, timeout: float, env: dict[str, str], cwd: str = "/") -> RunResult:
-    """``command`` chrooted into ``root`` in new mount and PID namespaces;
-    killed (the whole namespace) after ``timeout`` seconds."""
+    """``command`` in ``root`` as runc would start it (see ``_LAUNCH``), in
+    new mount and PID namespaces; killed (the whole namespace) after
+    ``timeout`` seconds."""
     setup = (
         'set -e; r="$1"; shift; '
         'mount -t proc proc "$r/proc"; mount --rbind /dev "$r/dev"; mount -t tmpfs tmpfs "$r/tmp"; '
-        'exec chroot "$r" "$@"'
+        'exec "$@"'
     )
     argv = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
             "sh", "-c", setup, "sh", str(root), "env", "-i", *[f"{k}={v}" for k, v in env.items()],
-            "sh", "-c", 'cd "$0" && exec "$@"', cwd, *command]
+            sys.executable, "-I", "-S", "-c", _LAUNCH, str(root), cwd, *command]
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:

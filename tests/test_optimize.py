@@ -86,6 +86,9 @@ def test_optimize_prioritizes_what_the_command_reads(tmp_path: Path) -> None:
         assert result["prioritized"] == len(paths) > 20
         assert "usr/bin/python3.11" in paths and "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc" in paths
         assert not any(p.startswith("usr/share/doc/") for p in paths)  # only what was read
+        # started as runc starts it: the user database read, no shell or env of the image's
+        assert "etc/passwd" in paths and "etc/group" in paths
+        assert not {"usr/bin/env", "usr/bin/dash", "bin/sh"} & set(paths), paths
         recorded = read_profile_lines(profile.read_text(encoding="utf-8").splitlines())
         assert recorded.paths == paths and "usr/bin/python3.11" in recorded.ranges
         first = _prioritized(registry, dst, recorded.ranges)
