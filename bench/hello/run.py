@@ -568,7 +568,8 @@ def docs_section(data: dict, with_chart: bool) -> str:
         "in a rotating order within each repetition; medians with min-max.",
     ]
     if a.get("optimizer") == "crfs":
-        text += ["The image for (d) is made by `crfs optimize SRC DST -- CMD` (lazyfs records the files CMD reads).", ""]
+        text += ["The image for (d) is made by `crfs optimize SRC DST -- CMD` (lazyfs records the files and byte",
+                 "ranges CMD reads; the layer descriptors carry them as prefetch hints).", ""]
     else:
         text += ["The access profile for (d) comes from one lazy run on loopback: the proxy's Range requests mapped",
                  "through the layers' TOCs to file names, in order, given to `crfs convert --prioritize-file`.", ""]
