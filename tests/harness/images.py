@@ -199,3 +199,31 @@ def push_image(image: OciImage, registry_host: str, repo: str) -> str:
 def names(members: Iterable[str]) -> set[str]:
     """Entry names without a leading ``./`` or trailing ``/``."""
     return {m.removeprefix("./").rstrip("/") for m in members}
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def push_layers_manifest(repo, layers: Iterable[tuple[bytes, dict[str, str]]], tag: Optional[str] = None) -> str:
+    """An image manifest of ``layers`` (blob, descriptor annotations; bottom
+    first) and an empty-rootfs config, pushed with ``repo`` (a
+    ``lazyfs.registry.Repository``) with their blobs; its digest. For tests
+    that need a registry image of given layer blobs without building one."""
+    import hashlib  # noqa: PLC0415
+
+    def digest(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    descriptors = []
+    for blob, notes in layers:
+        repo.push_blob(blob, digest(blob))
+        descriptors.append({"mediaType": OCI_LAYER_GZIP, "digest": digest(blob), "size": len(blob), "annotations": notes})
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    repo.push_blob(config, digest(config))
+    manifest = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(config), "size": len(config)},
+        "layers": descriptors,
+    }
+    return repo.push_manifest(json.dumps(manifest).encode(), OCI_MANIFEST, tag=tag)

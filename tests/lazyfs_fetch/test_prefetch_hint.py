@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import push_layers_manifest
 from lazyfs.cache import ChunkCache
 from lazyfs.layer_source import RemoteOptions, open_layer
 from lazyfs.prefetch import layer_chunks
@@ -272,19 +273,7 @@ def test_a_failed_hinted_request_falls_back_to_ordinary_fetches(remote: Remote, 
 
 def _push_manifest(remote: Remote, annotations: dict[str, str]) -> str:
     """An image manifest listing the layer with ``annotations``; its digest."""
-    import hashlib
-    import json
-
-    config = b'{"rootfs": {"type": "layers", "diff_ids": []}}'
-    remote.repo.push_blob(config, "sha256:" + hashlib.sha256(config).hexdigest())
-    manifest = {
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": len(config),
-                   "digest": "sha256:" + hashlib.sha256(config).hexdigest()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": remote.layer.build.size,
-                    "digest": remote.layer.digest, "annotations": annotations}],
-    }
-    return remote.repo.push_manifest(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    return push_layers_manifest(remote.repo, [(remote.layer.data, annotations)])
 
 
 @pytest.mark.parametrize("labelled", [True, False])

@@ -3,11 +3,11 @@ registry and merged with fuse-overlayfs; ``crfs umount`` undoes it all."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from harness.images import push_layers_manifest
 from harness.registry import Registry
 from lazyfs import image_mount, mount
 from lazyfs.registry import RegistryClient
@@ -17,36 +17,16 @@ from lazyfs.stargz.source import FileSource
 from .helpers import force_unmount, kill, run_crfs
 from .test_overlay import EXPECTED_TOP, two_layers
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def _push_image(host: str, layers: list[Path]) -> str:
     """An OCI image of eStargz ``layers`` (bottom first) at host/lazy/img:v1."""
     ref = f"{host}/lazy/img"
-    descriptors = []
+    blobs = []
+    for path in layers:
+        with FileSource(path) as source:
+            toc_digest = StargzReader.open(source).toc.digest
+        blobs.append((path.read_bytes(), {image_mount.TOC_DIGEST_ANNOTATION: toc_digest}))
     with RegistryClient() as client:
-        repo = client.repository(ref)
-        for path in layers:
-            blob = path.read_bytes()
-            with FileSource(path) as source:
-                toc_digest = StargzReader.open(source).toc.digest
-            repo.push_blob(blob, _digest(blob))
-            descriptors.append({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _digest(blob), "size": len(blob),
-                "annotations": {image_mount.TOC_DIGEST_ANNOTATION: toc_digest},
-            })
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-        repo.push_blob(config, _digest(config))
-        manifest = {
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(config), "size": len(config)},
-            "layers": descriptors,
-        }
-        repo.push_manifest(json.dumps(manifest).encode(), OCI_MANIFEST, tag="v1")
+        push_layers_manifest(client.repository(ref), blobs, tag="v1")
     return f"docker://{ref}:v1"
 
 

@@ -3,10 +3,10 @@ annotation to that layer's mount process, as a snapshotter gets it as a label.""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from harness.images import push_layers_manifest
 from harness.registry import Registry
 from lazyfs import image_mount, mount
 from lazyfs.layer_source import RemoteOptions
@@ -17,34 +17,22 @@ from lazyfs.stargz.reader import StargzReader
 from lazyfs.stargz.source import FileSource
 
 from .helpers import force_unmount, kill
-from .test_image_mount import OCI_MANIFEST, _digest
 from .test_overlay import two_layers
 
 
 def _push(host: str, layers: list[tuple[Path, dict[str, str]]]) -> tuple[str, list[int]]:
     """An image of ``layers`` (blob, extra annotations); the chunk count of each."""
     ref = f"{host}/lazy/hinted"
-    descriptors, counts = [], []
+    blobs, counts = [], []
+    for path, extra in layers:
+        with FileSource(path) as source:
+            reader = StargzReader.open(source)
+            annotations = {image_mount.TOC_DIGEST_ANNOTATION: reader.toc.digest}
+            annotations.update({k: v.replace("TOC", str(reader.footer.toc_offset)) for k, v in extra.items()})
+            counts.append(len(layer_chunks(reader.toc)))
+        blobs.append((path.read_bytes(), annotations))
     with RegistryClient() as client:
-        repo = client.repository(ref)
-        for path, extra in layers:
-            blob = path.read_bytes()
-            with FileSource(path) as source:
-                reader = StargzReader.open(source)
-                annotations = {image_mount.TOC_DIGEST_ANNOTATION: reader.toc.digest}
-                annotations.update({k: v.replace("TOC", str(reader.footer.toc_offset)) for k, v in extra.items()})
-                counts.append(len(layer_chunks(reader.toc)))
-            repo.push_blob(blob, _digest(blob))
-            descriptors.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _digest(blob),
-                                "size": len(blob), "annotations": annotations})
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-        repo.push_blob(config, _digest(config))
-        manifest = {
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(config), "size": len(config)},
-            "layers": descriptors,
-        }
-        repo.push_manifest(json.dumps(manifest).encode(), OCI_MANIFEST, tag="v1")
+        push_layers_manifest(client.repository(ref), blobs, tag="v1")
     return f"docker://{ref}:v1", counts
 
 
