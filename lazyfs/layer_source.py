@@ -116,6 +116,15 @@ def open_layer(source: str, *, toc_digest: str | None = None, remote: RemoteOpti
     return OpenedLayer(reader.toc, LocalChunks(reader), source, [blob.close])
 
 
+def preload_source(source: str) -> None:
+    """Import what opening ``source`` needs (the registry client for a
+    ``registry://`` or ``http(s)://`` one), so that a caller can do it before
+    starting other imports in parallel with the opening."""
+    if source.startswith((REGISTRY_SCHEME, "https://", "http://")):
+        from . import remote_source  # noqa: F401, PLC0415
+        from .registry import client  # noqa: F401, PLC0415
+
+
 def _http_source(url: str) -> BlobSource:
     from .remote_source import HttpBlobSource  # noqa: PLC0415 - pulls in requests
 

@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .layer_source import OpenedLayer, RemoteOptions, open_layer
+from .layer_source import OpenedLayer, RemoteOptions, open_layer, preload_source
 from .privilege import is_host_root
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                                read_around=args.read_around, prefetch_ranges=args.prefetch_ranges,
                                prefetch_manifest=args.prefetch_manifest)
         # the opening requests (tail, hint) go out first; the FUSE side
-        # (trio, pyfuse3: ~0.1 s of imports) loads while they are on the wire
+        # (trio, pyfuse3: ~0.1 s of imports) loads while they are on the wire.
+        # The registry client is imported before, not beside it: two threads
+        # importing share one GIL, and the requests would wait for both.
+        preload_source(args.source)
         opening: Future[OpenedLayer] = Future()
         threading.Thread(target=_open_into, name="lazyfs-open", daemon=True,
                          args=(opening, args.source, args.toc_digest, remote)).start()
