@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .forkserver import ForkServer, ForkServerError, serve_forever
 from .layer_source import OpenedLayer, RemoteOptions, open_layer, preload_source
 from .privilege import is_host_root
 
@@ -64,9 +65,11 @@ def control_path(mountpoint: str | os.PathLike[str]) -> Path:
 
 def start(
     source: str, mountpoint: str | os.PathLike[str], *, toc_digest: str | None = None,
-    remote: RemoteOptions = RemoteOptions(), timeout: float = START_TIMEOUT,
+    remote: RemoteOptions = RemoteOptions(), timeout: float = START_TIMEOUT, fork_server: ForkServer | None = None,
 ) -> int:
-    """Start a detached mount process and wait until it has mounted; its pid."""
+    """Start a detached mount process and wait until it has mounted; its pid.
+    With ``fork_server`` (and it answering) the process is forked from it,
+    its imports done already; otherwise a new interpreter is started."""
     mountpoint = os.path.realpath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"{mountpoint} is not a directory")
@@ -74,26 +77,40 @@ def start(
     control.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = control.with_suffix(".log")
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "lazyfs.mount", "--source", source, "--mountpoint", mountpoint,
-           "--control", str(control), "--ready-fd", str(write_fd)]
+    args = ["--source", source, "--mountpoint", mountpoint, "--control", str(control)]
     if toc_digest:
-        cmd += ["--toc-digest", toc_digest]
-    cmd += remote_args(remote)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+        args += ["--toc-digest", toc_digest]
+    args += remote_args(remote)
+    proc: subprocess.Popen[bytes] | None = None
     try:
         with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                    pass_fds=(write_fd,), start_new_session=True, env=env)
+            pid = None
+            if fork_server is not None:
+                try:
+                    pid = fork_server.fork(args, write_fd, log_file.fileno())
+                except ForkServerError as exc:
+                    log.warning("%s; starting the mount process directly", exc)
+            if pid is None:
+                proc = subprocess.Popen([sys.executable, "-m", "lazyfs.mount", *args, "--ready-fd", str(write_fd)],
+                                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                        pass_fds=(write_fd,), start_new_session=True, env=child_env())
+                pid = proc.pid
     finally:
         os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:
         line = _read_line(ready, timeout)
     if line == READY:
-        return proc.pid
+        return pid
     with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    proc.wait()
+        os.kill(pid, signal.SIGKILL)
+    if proc is not None:
+        proc.wait()  # a forked one is the fork server's child: it reaps it
     raise MountError(f"mounting {source} at {mountpoint} failed:\n{_tail(log_path)}")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a mount process: ours, with this package importable."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
 
 
 def remote_args(remote: RemoteOptions) -> list[str]:
@@ -214,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--fork-server"] and len(argv) == 2:
+        return serve_forever(argv[1])
     # A parent may start us with these blocked (crfs serve takes them with
     # sigwait, and children inherit the mask); we must receive them.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import grp
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crfs_proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
+from lazyfs import mount
+from lazyfs.forkserver import ForkServer, ForkServerError
 from lazyfs.layer_source import RemoteOptions
 from lazyfs.registry.config import RegistryConfig
 
@@ -101,13 +104,33 @@ def _crash_point() -> Optional[CrashPoint]:
     return crash
 
 
+def _fork_server(cfg: Config, stack: ExitStack) -> Optional[ForkServer]:
+    """The process layer mounts are forked from (their imports done: ~0.15 s
+    sooner to their first request); None, and mount processes started
+    directly, if it cannot start. Its socket is under lazyfs's state
+    directory (a unix socket path is short), named after the root."""
+    key = hashlib.sha256(str(cfg.root.resolve()).encode()).hexdigest()[:16]
+    path = mount.state_dir() / f"forkserver-{key}.sock"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    server = ForkServer(path)
+    try:
+        server.start()
+    except ForkServerError as exc:
+        log.warning("%s; layer mount processes will start on their own", exc)
+        return None
+    stack.callback(server.stop)
+    return server
+
+
 def _layer_mounts(cfg: Config, stack: ExitStack) -> Optional[LayerMounts]:
     """The lazily mounted layers, or None when remote snapshots are off.
     Stopping leaves them mounted (running containers use them) unless
     ``unmount_on_stop``."""
     if not cfg.remote_snapshots:
         return None
-    supervisor = MountSupervisor(poll_interval=cfg.mount_check_interval, start_timeout=cfg.remote_mount_timeout)
+    fork_server = _fork_server(cfg, stack)
+    supervisor = MountSupervisor(poll_interval=cfg.mount_check_interval, start_timeout=cfg.remote_mount_timeout,
+                                 fork_server=fork_server)
     stack.callback(lambda: supervisor.close(unmount_all=cfg.unmount_on_stop))
     registry_config = None
     if cfg.registry:

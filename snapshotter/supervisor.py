@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lazyfs import mount
+from lazyfs.forkserver import ForkServer, process_name
 from lazyfs.layer_source import RemoteOptions
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,17 @@ class MountSupervisor:
     def __init__(
         self, *, poll_interval: float = 1.0, backoff_initial: float = 0.5, backoff_max: float = 30.0,
         unresponsive_limit: int = 3, status_timeout: float = 2.0, start_timeout: float = mount.START_TIMEOUT,
-        watch: bool = True,
+        watch: bool = True, fork_server: ForkServer | None = None,
     ) -> None:
+        """``fork_server``: mount processes are forked from it (imports done)
+        rather than started as new interpreters, while it answers."""
         self.poll_interval = poll_interval
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.unresponsive_limit = unresponsive_limit
         self.status_timeout = status_timeout
         self.start_timeout = start_timeout
+        self._fork_server = fork_server
         self._lock = threading.Lock()
         self._mounts: dict[str, _Mount] = {}
         self._closed = False
@@ -314,7 +318,8 @@ class MountSupervisor:
 
     def _start(self, m: _Mount) -> int:
         try:
-            pid = mount.start(m.source, m.mountpoint, toc_digest=m.toc_digest, remote=m.remote, timeout=self.start_timeout)
+            pid = mount.start(m.source, m.mountpoint, toc_digest=m.toc_digest, remote=m.remote, timeout=self.start_timeout,
+                              fork_server=self._fork_server)
         except (mount.MountError, OSError) as exc:
             m.last_error, m.last_error_at = f"mount failed: {exc}", time.time()
             raise SupervisorError(f"cannot mount layer {m.digest} at {m.mountpoint}: {exc}") from exc
@@ -354,13 +359,20 @@ class MountSupervisor:
     @staticmethod
     def _is_lazyfs(pid: int, mountpoint: str) -> bool:
         """Whether ``pid`` is a lazyfs mount process serving ``mountpoint``
-        (pids get reused: never signal a process on the pid alone)."""
+        (pids get reused: never signal a process on the pid alone): its
+        command line names the mountpoint, or, forked from the fork server
+        (whose command line it keeps), its name is the mountpoint's."""
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
+            if b"lazyfs.mount" not in args:
+                return False
+            if os.fsencode(mountpoint) in args:
+                return True
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                return f.read().strip() == process_name(mountpoint).encode()
         except OSError:
             return False
-        return b"lazyfs.mount" in args and os.fsencode(mountpoint) in args
 
     def _healthy(self, mountpoint: str, pid: int) -> bool:
         if not (mount.is_alive(pid) and self._is_lazyfs(pid, mountpoint)):
