@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from harness.registry import Registry  # noqa: E402
 from lazyfs import mount  # noqa: E402
+from lazyfs.forkserver import ForkServer  # noqa: E402
 from lazyfs.layer_source import RemoteOptions  # noqa: E402
 from lazyfs.registry import RegistryClient, RegistryConfig  # noqa: E402
 from lazyfs.stargz.writer import build  # noqa: E402
@@ -189,10 +190,11 @@ class Mounts:
     def __init__(self) -> None:
         self.live: dict[Path, int] = {}
 
-    def start(self, source: str, mp: Path, toc: str, cache: Path) -> tuple[int, float]:
+    def start(self, source: str, mp: Path, toc: str, cache: Path, fork_server: ForkServer | None = None) -> tuple[int, float]:
         mp.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        pid = mount.start(source, mp, toc_digest=toc, remote=RemoteOptions(cache_dir=str(cache), background_fetch=False))
+        pid = mount.start(source, mp, toc_digest=toc, remote=RemoteOptions(cache_dir=str(cache), background_fetch=False),
+                          fork_server=fork_server)
         took = time.perf_counter() - t0
         self.live[mp] = pid
         return pid, took
@@ -220,8 +222,8 @@ class Mounts:
             self.stop(mp)
 
     @contextlib.contextmanager
-    def mounted(self, source: str, mp: Path, toc: str, cache: Path) -> Iterator[tuple[int, float]]:
-        pid, took = self.start(source, mp, toc, cache)
+    def mounted(self, source: str, mp: Path, toc: str, cache: Path, fork_server: ForkServer | None = None) -> Iterator[tuple[int, float]]:
+        pid, took = self.start(source, mp, toc, cache, fork_server)
         try:
             yield pid, took
         finally:
@@ -262,6 +264,10 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
     res = Results()
     info: dict[str, object] = {}
     os.environ["CRFS_LAZYFS_STATE"] = str(work / "state")
+    (work / "state").mkdir(exist_ok=True)
+    fork_server = ForkServer(work / "state" / "forkserver.sock")
+    fork_server.start()
+    stack.callback(fork_server.stop)
 
     # --- layers
     log("building the tree layer ...")
@@ -351,6 +357,19 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
                     if rep == 0:
                         info["tree_status_after_storm"] = {k: v for k, v in mount.status(mp).items() if k not in ("source", "mountpoint", "toc_digest")}
             shutil.rmtree(work / f"cache-tree-{rep}", ignore_errors=True)
+            if side == "lazy":
+                # the same layer in a process forked from crfs serve's fork
+                # server (how crfs serve starts them): the same storm, its memory
+                drop_caches()
+                with mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / f"cache-fork-{rep}", fork_server):
+                    run_find(mp)
+                    lstat_all(mp, rels)
+                    st = proc_status(mounts.live[mp])
+                    res.add("rss_forked_after_storm_kib", st["VmRSS"])
+                    res.add("hwm_forked_after_storm_kib", st["VmHWM"])
+                    if "Pss" in st:
+                        res.add("pss_forked_after_storm_kib", st["Pss"])
+                shutil.rmtree(work / f"cache-fork-{rep}", ignore_errors=True)
 
             # python start-up: cold (fresh mount from the registry / dropped caches), then warm
             drop_caches()
@@ -474,6 +493,9 @@ def report(args: argparse.Namespace, res: Results, info: dict[str, object]) -> N
                        ("hwm_after_storm_kib", "VmHWM, tree mount after find + lstat storm"),
                        ("pss_after_storm_kib", "Pss, tree mount after find + lstat storm"),
                        ("private_after_storm_kib", "Private (clean + dirty), tree mount after find + lstat storm"),
+                       ("rss_forked_after_storm_kib", "VmRSS, tree mount forked from the fork server (as crfs serve runs it), after the storm"),
+                       ("hwm_forked_after_storm_kib", "VmHWM, the same forked mount"),
+                       ("pss_forked_after_storm_kib", "Pss, the same forked mount"),
                        ("rss_after_imports_kib", "VmRSS, tree mount after storm + imports"),
                        ("hwm_after_imports_kib", "VmHWM, tree mount after storm + imports"),
                        ("rss_big_mounted_kib", "VmRSS, big mount right after mounting"),
@@ -482,7 +504,7 @@ def report(args: argparse.Namespace, res: Results, info: dict[str, object]) -> N
         if key not in res.data:
             continue
         v = res.med(key) / 1024
-        limit = "< 40 MiB" if key.startswith(("rss_after_storm", "hwm_after_storm")) else ""
+        limit = "< 40 MiB" if key.startswith(("rss_after_storm", "hwm_after_storm", "rss_forked", "hwm_forked")) else ""
         met = ("yes" if v < 40 else "**no**") if limit else ""
         out.append(f"| {label} | | {v:.1f} MiB ({min(res.data[key]) / 1024:.1f}-{max(res.data[key]) / 1024:.1f}) | | {limit} | {met} |")
     out.append("")

@@ -19,6 +19,7 @@ by its name (``process_name``, set with ``PR_SET_NAME``) instead.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -129,6 +130,13 @@ def serve_forever(path: str) -> int:
     # what a mount process imports before and while it opens a layer
     from . import cache, fetcher, mount, prefetch, prefetch_hints, remote_layer, remote_source, serve  # noqa: F401, PLC0415
     from .registry import client  # noqa: F401, PLC0415
+
+    # every page resident here is resident (shared) in each child too: hand
+    # the heap that importing freed back to the system, and keep the garbage
+    # collector off the imported objects (it would copy their pages)
+    gc.collect()
+    gc.freeze()
+    serve.trim_heap()  # glibc malloc_trim, as a mount does after parsing its TOC
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         tmp = f"{path}.{os.getpid()}"

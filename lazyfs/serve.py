@@ -40,7 +40,7 @@ def serve(
     # pyfuse3 (for comparisons and tests); the default is no-open when supported
     no_open = None if os.environ.get("CRFS_LAZYFS_NO_OPEN", "") != "0" else False
     fs = LayerFS(layer.toc, layer.store, opaque_xattrs=opaque_xattrs, no_open=no_open, record_access=record_access)
-    _trim_heap()
+    trim_heap()
     pyfuse3.init(fs, mountpoint, mount_options(allow_other=allow_other))
     external = trio.Event()  # set when someone else unmounted us
     try:
@@ -81,7 +81,7 @@ def serve(
                 os.unlink(control)
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hand the heap that parsing the TOC freed back to the system (glibc's
     ``malloc_trim``; ~2 MB for a 10k-entry layer), which would otherwise stay
     in this long-lived process's RSS. Nothing happens where it is missing."""
