@@ -68,7 +68,7 @@ class RemoteOptions:
     # record which files are read, in order (status "accessed"; crfs optimize)
     record_access: bool = False
     # blob byte ranges to fetch at once, while the TOC is read: "OFFSET:LENGTH,..."
-    # (the layer's prefetch label, lazyfs.prefetch.prefetch_hint); a bad one is ignored
+    # (the layer's prefetch label, lazyfs.prefetch_hints.prefetch_hint); a bad one is ignored
     prefetch_ranges: str | None = None
     # without prefetch_ranges: the digest of an image manifest listing this
     # layer (same repository); its descriptor's prefetch annotations are the
@@ -126,7 +126,7 @@ def preload_source(source: str) -> None:
 
 
 def _http_source(url: str) -> BlobSource:
-    from .remote_source import HttpBlobSource  # noqa: PLC0415 - pulls in requests
+    from .remote_source import HttpBlobSource  # noqa: PLC0415 - pulls in the HTTP client
 
     return HttpBlobSource(url)
 
@@ -211,15 +211,15 @@ def _hint_from_manifest(
     """``out``: a started hint from the manifest's descriptor of the blob, or
     None (no such descriptor, no hint in it, or the manifest unavailable:
     a hint never fails a mount)."""
-    from .prefetch_hints import parse_prefetch_ranges, prefetch_hint  # noqa: PLC0415
+    from .prefetch_hints import prefetch_hint_ranges  # noqa: PLC0415
 
     hint = None
     try:
         manifest = repo.get_manifest(manifest_digest)  # verified against its digest
         layer = next((d for d in manifest.layers if d.digest == blob_digest), None) if not manifest.is_index else None
-        spec = prefetch_hint(layer.annotations) if layer is not None else None
-        if spec:
-            hint = start(parse_prefetch_ranges(spec))
+        ranges = prefetch_hint_ranges(layer.annotations) if layer is not None else None
+        if ranges:
+            hint = start(ranges)
     except Exception as exc:  # noqa: BLE001 - logged; the mount goes on without a hint
         log.warning("no prefetch hint from manifest %s: %s", manifest_digest, exc)
     out.set_result(hint)

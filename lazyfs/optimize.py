@@ -8,9 +8,10 @@ process recording which files are read, in order (lazyfs sees each read
 itself, page faults of mapped libraries included), and CMD runs in a
 container on it: its own mount and PID namespaces, /proc, /dev and a
 /tmp, entered the way runc starts a container process (chroot, the image's
-/etc/passwd and /etc/group read, the command exec'd directly). What was read becomes the profile: the paths in order,
-each with the byte ranges read (the FUSE reads, shaped by the kernel's
-readahead), in the format ``prefetch_hints`` describes. SRC is then
+/etc/passwd and /etc/group read, the command exec'd directly). What was
+read becomes the profile: the paths in order, each with the byte ranges
+read (the FUSE reads, shaped by the kernel's readahead), in the format
+``prefetch_hints`` describes. SRC is then
 converted again as DST with those files prioritized, chunked finer
 (``PRIORITIZED_CHUNK_SIZE``), and each layer's descriptor annotated with
 the blob ranges of just the chunks read, for a mount to prefetch. A saved

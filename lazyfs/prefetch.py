@@ -28,6 +28,7 @@ from .stargz.toc import ChunkRef, EntryType, Toc
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class PrefetchConfig:
     """``background``: fetch the whole layer after the prioritized files.

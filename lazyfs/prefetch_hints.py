@@ -254,19 +254,25 @@ def parse_prefetch_ranges(
 
 def prefetch_hint(labels: Mapping[str, str]) -> str | None:
     """The ``--prefetch-ranges`` spec for a layer with these labels (or
-    descriptor annotations), checked; None without a usable one. A bad label
-    is logged and ignored (the stargz one is then used, if good): a hint
-    never fails a mount."""
+    descriptor annotations), checked; None without a usable one."""
+    ranges = prefetch_hint_ranges(labels)
+    return format_ranges(ranges) if ranges is not None else None
+
+
+def prefetch_hint_ranges(labels: Mapping[str, str]) -> list[Range] | None:
+    """The blob ranges these labels (or descriptor annotations) say to
+    prefetch; None without a usable label. A bad label is logged and ignored
+    (the stargz one is then used, if good): a hint never fails a mount."""
     spec = labels.get(PREFETCH_RANGES_LABEL)
     if spec is not None:
         try:
-            return format_ranges(parse_prefetch_ranges(spec))
+            return parse_prefetch_ranges(spec)
         except BadPrefetchRanges as exc:
             log.warning("ignoring label %s: %s", PREFETCH_RANGES_LABEL, exc)
     size = labels.get(STARGZ_PREFETCH_LABEL)
     if size is not None:
         try:
-            return format_ranges(parse_prefetch_ranges(f"0:{size.strip()}"))
+            return parse_prefetch_ranges(f"0:{size.strip()}")
         except BadPrefetchRanges as exc:
             log.warning("ignoring label %s=%r: %s", STARGZ_PREFETCH_LABEL, size[:40], exc)
     return None

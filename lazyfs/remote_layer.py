@@ -125,29 +125,29 @@ class HintedFetch:
                 out.append(chunk)
         return out
 
-    def attach(self, store: RemoteChunks, blob_size: int) -> set[ChunkKey]:
+    def attach(self, store: RemoteChunks, blob_size: int) -> bool:
         """The TOC is verified and ``store`` knows the layer's chunks: the
-        fetched bytes may be used now. Returns the chunks this hint will
-        bring (the prefetcher leaves them out); none if the hint is not
-        valid for this blob (then it is dropped)."""
+        fetched bytes may be used now. True if the hint brings any chunk of
+        this blob (it then replaces the prefetcher's priority request); False
+        if it is not valid for the blob (then it is dropped) or covers none."""
         if self.ranges and self.ranges[-1][0] + self.ranges[-1][1] > blob_size:
             log.warning("blob %s: prefetch hint goes beyond the %d-byte blob: ignored", self.blob_digest, blob_size)
             self.close(0)
-            return set()
+            return False
         # each chunk a hinted range touches belongs to the last batch starting at or before it
         batch_starts = [batch[0][0] for batch in self._batches]
         for chunk in self.covered(store.layout):
             self._wanted[max(0, bisect.bisect_right(batch_starts, chunk.blob_offset) - 1)].append(chunk)
         with self._lock:
             if self._cancelled:
-                return set()
+                return False
             self._store = store
             blind = sorted(self._blind)
         for i in blind:
             futs = store.claim_missing(self._wanted[i])
             self._claims[i] = ([c for c in self._wanted[i] if chunk_key(c) in futs], futs)
         self._attached.set()
-        return {chunk_key(c) for batch in self._wanted for c in batch}
+        return any(self._wanted)
 
     def stats(self) -> dict[str, object]:
         with self._lock:
@@ -297,7 +297,7 @@ class RemoteLayer:
         try:
             reader = StargzReader.open(source, toc_digest=toc_digest)
             store = RemoteChunks(source, blob_digest, cache, fetch, slots, layout=layer_chunks(reader.toc))
-            hinted = bool(hint.attach(store, source.size)) if hint is not None else False
+            hinted = hint.attach(store, source.size) if hint is not None else False
         except BaseException:
             if hint is not None:
                 hint.close()

@@ -36,7 +36,7 @@ from lazyfs.registry.config import RegistryConfig
 from lazyfs.registry.credentials import Credential, CredentialStore
 from lazyfs.registry.errors import RegistryError
 from lazyfs.registry.manifest import Descriptor as RegistryDescriptor
-from lazyfs.registry.manifest import Manifest, Platform, select_platform
+from lazyfs.registry.manifest import Manifest, Platform
 from lazyfs.registry.reference import Reference, normalize_host, parse_reference
 
 # Not containerd_api: its grpc import waits until the registry requests are under way (rpull()).
@@ -229,12 +229,8 @@ def _mib(n: int) -> str:
 
 def resolve_image(repo: Repository, ref: Reference, platform: Platform) -> ResolvedImage:
     """Manifest (through an index for ``platform``) and config of ``ref``."""
-    top = repo.get_manifest(ref.object)
-    manifest = top
-    if top.is_index:
-        manifest = repo.get_manifest(select_platform(top, platform).digest)
-        if manifest.is_index:
-            raise RpullError(f"index entry {manifest.digest} for {platform} is itself an index")
+    resolved = repo.resolve(ref.object, platform, reference=ref)
+    top, manifest = resolved.index or resolved.manifest, resolved.manifest
     config = manifest.config
     config_raw = repo.get_blob(config.digest, config.size)
     return ResolvedImage(top, manifest, config_raw, _diff_ids(config_raw, len(manifest.layers), config.digest))

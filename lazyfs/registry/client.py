@@ -152,10 +152,12 @@ class RegistryClient:
         learnt (token fetched) and the request is sent once more.
 
         There is no ``GET /v2/`` ping first (containerd does not ping
-        either; it is a round trip per process): the first request to a host
-        finds its scheme, https unless the endpoint says otherwise; where
-        plain HTTP is allowed, a peer that does not speak TLS gets the
-        request again over http, and the scheme is kept for the host."""
+        either; it is a round trip per process): a host's scheme is found by
+        a first connection's handshake (``_scheme_by_connecting``), https
+        unless the endpoint says otherwise or the peer does not speak TLS
+        where plain HTTP is allowed; when that does not tell, the first
+        request finds it, sent again over http if need be. The scheme is
+        kept for the host."""
         h = self._host(ep)
         kw = dict(scopes=scopes, headers=headers, body=body, stream=stream, retry=retry, attempts=attempts)
         if h.scheme is None and "://" not in path_or_url:
@@ -168,7 +170,7 @@ class RegistryClient:
         with h.lock:  # the first request finds the scheme; the others wait for it
             if h.scheme is not None:
                 return self._send(h, h.scheme, path_or_url, method, **kw)  # type: ignore[arg-type]
-            schemes = ["https", "http"] if self.config.plain_http_allowed(ep.host) else ["https"]
+            schemes = self._schemes(ep)
             for scheme in schemes:
                 try:
                     resp = self._send(h, scheme, path_or_url, method, **kw)  # type: ignore[arg-type]
@@ -181,12 +183,16 @@ class RegistryClient:
                 return resp
             raise AssertionError("unreachable")
 
+    def _schemes(self, ep: Endpoint) -> list[str]:
+        """The schemes to try, in order, for an endpoint without its own."""
+        return ["https", "http"] if self.config.plain_http_allowed(ep.host) else ["https"]
+
     def _scheme_by_connecting(self, ep: Endpoint) -> Optional[str]:
         """https, or http where allowed and the peer does not speak TLS, as
         the handshake of a first connection (kept for the first request)
         shows; None when it does not tell (unreachable...): the first request
         then finds out, with its retries and errors."""
-        schemes = ["https", "http"] if self.config.plain_http_allowed(ep.host) else ["https"]
+        schemes = self._schemes(ep)
         for scheme in schemes:
             try:
                 self.transport.connect(f"{scheme}://{ep.host}/")

@@ -291,13 +291,7 @@ class HttpClient:
         body is read before returning. Raises OSError (ConnectError,
         TimeoutError, ...) or http.client.HTTPException on wire failures."""
         parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"unsupported URL {scheme}://{parts.hostname or ''}")
-        host = parts.hostname
-        port = parts.port or (443 if scheme == "https" else 80)
-        proxy = self._proxy_for(scheme, host, port)
-        key = (scheme, host, port, proxy.key if proxy else None)
+        scheme, host, port, proxy, key = self._route(parts)
 
         hdrs: dict[str, str] = {"Accept": "*/*"}
         if self.user_agent:
@@ -348,11 +342,7 @@ class HttpClient:
         """Open a connection to ``url``'s origin (the TLS handshake done, for
         https) and keep it idle for the next request: what a peer speaks is
         known before any request is sent. Raises as ``request`` does."""
-        parts = urlsplit(url)
-        scheme, host = parts.scheme.lower(), parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
-        proxy = self._proxy_for(scheme, host, port)
-        key = (scheme, host, port, proxy.key if proxy else None)
+        scheme, host, port, proxy, key = self._route(urlsplit(url))
         self._release(key, self._connect(scheme, host, port, proxy), True)
 
     def close(self) -> None:
@@ -364,6 +354,17 @@ class HttpClient:
             c.close()
 
     # --- connections ----------------------------------------------------------
+
+    def _route(self, parts: Any) -> tuple[str, str, int, Optional[_Proxy], tuple]:
+        """Scheme, host, port and proxy of a split URL, and the key of its
+        connection pool."""
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"unsupported URL {scheme}://{parts.hostname or ''}")
+        host = parts.hostname
+        port = parts.port or (443 if scheme == "https" else 80)
+        proxy = self._proxy_for(scheme, host, port)
+        return scheme, host, port, proxy, (scheme, host, port, proxy.key if proxy else None)
 
     def _proxy_for(self, scheme: str, host: str, port: int) -> Optional[_Proxy]:
         if not self.proxies:
