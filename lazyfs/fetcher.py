@@ -36,7 +36,7 @@ from .fetchslots import FetchSlots
 from .stargz.errors import FormatError, VerificationError
 from .stargz.reader import decode_chunk
 from .stargz.source import BlobSource, read_exactly
-from .stargz.toc import ChunkRef
+from .stargz.toc import ChunkLayout, ChunkRef
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,10 @@ class RemoteChunks:
         self.source = source
         # every chunk of the layer in blob order (``prefetch.layer_chunks``),
         # for read-around and the prefetcher (empty: none)
-        self.layout = tuple(layout)
-        self._layout_offsets = [c.blob_offset for c in self.layout]
+        # (a Toc's ChunkLayout as it is: it makes ChunkRefs only when indexed)
+        self.layout: Sequence[ChunkRef] = layout if isinstance(layout, ChunkLayout) else tuple(layout)
+        self._layout_offsets: Sequence[int] = (
+            layout.blob_offsets if isinstance(layout, ChunkLayout) else [c.blob_offset for c in self.layout])
         self.slots = slots  # the host-wide cap on requests in flight, if any
         self.blob_digest = blob_digest
         self.cache = cache

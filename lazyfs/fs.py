@@ -104,8 +104,7 @@ class LayerFS(pyfuse3.Operations):
         self.no_open = self.zero_fh_is_inode = no_open  # pyfuse3.init reads zero_fh_is_inode
         self.readahead_chunks = readahead_chunks
         self.tree = LayerTree(toc, opaque_xattrs=opaque_xattrs)
-        toc.drop_children_index()  # the tree has its own listings now
-        self.has_xattrs = any(node.xattrs for node in self.tree)
+        self.has_xattrs = self.tree.has_xattrs
         self.memo = memo if memo is not None else ChunkMemo(store)
         self.stats = FsStats()
         self._negative = pyfuse3.EntryAttributes()
@@ -151,9 +150,8 @@ class LayerFS(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.stats.readdirs += 1
         node = self._node(fh)
-        names, inos = node.names, node.inos
-        for index in range(start_id, len(names)):
-            if not pyfuse3.readdir_reply(token, names[index], self.attributes(inos[index]), index + 1):
+        for index, (name, ino) in enumerate(node.listing_from(start_id), start_id):
+            if not pyfuse3.readdir_reply(token, name, self.attributes(ino), index + 1):
                 return
 
     async def releasedir(self, fh: int) -> None:
@@ -273,18 +271,19 @@ def _file_offset(chunk: ChunkRef) -> int:
 
 
 def _attributes(node: Node) -> pyfuse3.EntryAttributes:
+    st = node.stat()
     attrs = pyfuse3.EntryAttributes()
     attrs.st_ino = node.ino
     attrs.generation = 0
-    attrs.st_mode = node.mode
-    attrs.st_nlink = node.nlink
-    attrs.st_uid = node.entry.uid
-    attrs.st_gid = node.entry.gid
-    attrs.st_rdev = node.rdev
-    attrs.st_size = BLOCK if node.is_dir else node.size
+    attrs.st_mode = st.mode
+    attrs.st_nlink = st.nlink
+    attrs.st_uid = st.uid
+    attrs.st_gid = st.gid
+    attrs.st_rdev = st.rdev
+    attrs.st_size = BLOCK if stat.S_ISDIR(st.mode) else st.size
     attrs.st_blksize = BLOCK
     attrs.st_blocks = -(-attrs.st_size // 512)
-    ns = int(round(node.entry.mtime * 1e9))
+    ns = int(round(st.mtime * 1e9))
     attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = ns
     attrs.entry_timeout = attrs.attr_timeout = FOREVER
     return attrs

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from .chunks import ChunkUnavailable
 from .fetcher import ChunkKey, RemoteChunks, chunk_key, plan_spans
 from .fetchslots import FetchSlots, NoFetchSlot
-from .stargz.toc import ChunkRef, EntryType, Toc
+from .stargz.toc import ChunkRef, Toc
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,10 @@ class TokenBucket:
         return False
 
 
-def layer_chunks(toc: Toc) -> list[ChunkRef]:
-    """Every chunk of the layer once (hardlinks share their target's), in blob order."""
-    seen: dict[ChunkKey, ChunkRef] = {}
-    for entry in toc:
-        if entry.type is EntryType.REG:
-            for chunk in entry.chunks:
-                seen.setdefault(chunk_key(chunk), chunk)
-    return sorted(seen.values(), key=lambda c: c.blob_offset)
+def layer_chunks(toc: Toc) -> Sequence[ChunkRef]:
+    """Every chunk of the layer once (hardlinks share their target's), in
+    blob order; a ``ChunkLayout``, which makes the ``ChunkRef``s on access."""
+    return toc.layout()
 
 
 def prioritized_chunks(toc: Toc, chunks: Sequence[ChunkRef] | None = None) -> list[ChunkRef]:
@@ -109,7 +105,7 @@ class Prefetcher:
         self.remote = remote
         self.config = config
         self.slots = slots  # the host-wide background slot(s), if any
-        self._chunks = list(remote.layout) or layer_chunks(toc)  # the fetcher's, when it has them
+        self._chunks = remote.layout or layer_chunks(toc)  # the fetcher's, when it has them
         self._priority = [] if hinted else prioritized_chunks(toc, self._chunks)
         self._total = sum(c.size for c in self._chunks)
         self._local: set[ChunkKey] = set()

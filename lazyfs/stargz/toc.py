@@ -5,6 +5,12 @@ the tar member ``stargz.index.json``. Parsing it here also validates it
 completely, so that everything downstream (the FUSE layer, extraction) can
 trust names, sizes and offsets: a name cannot escape the layer root, a chunk
 cannot point outside the blob, and chunk sizes add up to the file's size.
+
+A parsed TOC lives as long as the mount process that serves it, so it is
+kept in columns (see ``lazyfs.stargz.columns``; base names in one string,
+numbers in ``array``s, digests as raw bytes) rather than as one object per
+entry and chunk: ~150 bytes per file instead of ~1 KB. ``TocEntry`` and
+``ChunkRef`` objects are made when asked for (``Toc.layout`` too).
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ import binascii
 import bisect
 import codecs
 import enum
+import io
 import json
 import re
 import tarfile
-from collections.abc import Iterator, Mapping
+import threading
+import weakref
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
+from .columns import Digests, Ints, SparseStrings, Strings
 from .digest import is_digest
 from .errors import (
     ChunkTooLarge,
@@ -43,6 +54,7 @@ LANDMARK_CONTENTS = b"\x0f"
 
 # what a parsed entry without xattrs holds (shared, read-only)
 _NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+_RECENT = 32  # entries (and names) kept made: a file read in many pieces is made once
 
 
 class EntryType(enum.StrEnum):
@@ -55,6 +67,10 @@ class EntryType(enum.StrEnum):
     FIFO = "fifo"
     CHUNK = "chunk"  # the 2nd and later chunks of a regular file
 
+
+_TYPES = tuple(EntryType)  # an entry's type is stored as its index here
+_TYPE_CODE = {kind: code for code, kind in enumerate(_TYPES)}
+_DIR, _REG, _HARDLINK = _TYPE_CODE[EntryType.DIR], _TYPE_CODE[EntryType.REG], _TYPE_CODE[EntryType.HARDLINK]
 
 # tar typeflag -> TOC type (regular-file variants are normalized to REGTYPE first)
 TAR_TYPES = {
@@ -112,9 +128,12 @@ class ChunkRef:
         return self.blob_offset, self.blob_end - self.blob_offset
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class TocEntry:
-    """A file, directory, link or device of the layer, with its metadata."""
+    """A file, directory, link or device of the layer, with its metadata.
+
+    Made from the TOC's columns when asked for: changing one changes
+    nothing in the ``Toc``."""
 
     name: str  # normalized relative path; "" is the root directory
     type: EntryType
@@ -136,25 +155,96 @@ class TocEntry:
     implicit: bool = False  # a directory the TOC does not list but a path implies
 
 
+class _Columns:  # noqa: PLR0902 - one attribute per column
+    """Every entry's fields, one column each, indexed by entry number (TOC
+    order, then the directories only implied by paths); chunks likewise,
+    a file's chunks being ``chunk_start[i]:chunk_start[i + 1]``."""
+
+    def __init__(self) -> None:
+        # (numbers are ``Ints`` while parsing: any JSON integer reads back as
+        # it was; ``rehome`` makes them plain ``array('Q')``s when they fit)
+        self.kind = bytearray()  # index into _TYPES
+        self.mode = Ints()
+        self.uid = Ints()
+        self.gid = Ints()
+        self.uname = array("I")  # index into strings
+        self.gname = array("I")
+        self.modtime = array("I")  # index into modtimes / mtimes
+        self.size = Ints()
+        self.nlink = array("I")
+        self.parent = array("i")  # entry number of the directory holding it; -1: the root
+        self.base_start = array("I", [0])  # base name i is bases[base_start[i]:base_start[i + 1]]
+        self.bases = ""
+        self.digest = array("i")  # index into digests, -1: none
+        self.chunk_start = array("I", [0])  # set by _Builder._attach_chunks
+        # symlinks and hardlinks (and whatever else states one): link_name;
+        # a dict until the parse ends (see _Builder._compact)
+        self.links: dict[int, str] | SparseStrings = {}
+        self.devs: dict[int, tuple[int, int]] = {}
+        self.xattrs: dict[int, Mapping[str, bytes]] = {}
+        self.explicit = 0  # entries from here on are implicit directories
+        self.root = 0
+        # the directory index: entry numbers of the children of entry i,
+        # sorted by base name, are kids[kid_start[i]:kid_start[i + 1]]
+        self.kid_start = array("I")
+        self.kids = array("I")
+        self.strings: list[str] | Strings = []  # user and group names
+        self.modtimes: list[str] | Strings = []
+        self.mtimes: list[float] | array = []
+        self.digests = Digests()
+        # chunks
+        self.c_file_offset = Ints()
+        self.c_size = Ints()
+        self.c_blob_offset = Ints()
+        self.c_blob_end = Ints()
+        self.c_inner: dict[int, int] = {}  # the few non-zero inner offsets
+        self.c_digest = array("i")
+        self.c_order = array("I")  # chunk numbers in blob order (ties: chunk order)
+
+    def rehome(self) -> None:
+        """Copy every column, once the parse's garbage is gone: a column
+        object made at the parse's memory peak would keep that memory's
+        pymalloc arena resident, and appending left growth slack."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, array):
+                setattr(self, name, array(value.typecode, value))
+            elif isinstance(value, bytearray):
+                setattr(self, name, bytearray(value))
+            elif isinstance(value, Ints):  # a plain array (faster to read) unless a value needs more
+                setattr(self, name, value.copy() if value.has_big else array("Q", value.array))
+            elif isinstance(value, Digests):
+                setattr(self, name, value.copy())
+            elif isinstance(value, dict):
+                setattr(self, name, dict(value))
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def base(self, i: int) -> str:
+        return self.bases[self.base_start[i] : self.base_start[i + 1]]
+
+
 class Toc:
-    """A validated TOC: entries by name, directory children, chunk lookup."""
+    """A validated TOC: entries by name, directory children, chunk lookup.
+
+    Besides the ``TocEntry`` interface, entries can be read by number
+    (``index_of`` and the ``*_at`` methods) without making any object."""
 
     def __init__(
-        self,
-        entries: dict[str, TocEntry],
-        children: dict[str, dict[str, TocEntry]] | None,  # None: built on first use
-        *,
-        version: int,
-        digest: str,
-        legacy: bool,
-        payload_size: int,
+        self, columns: _Columns, *, version: int, digest: str, legacy: bool, payload_size: int,
     ) -> None:
-        self._entries = entries
-        self._children: dict[str, dict[str, TocEntry]] | None = children
+        self._c = columns
         self.version = version
         self.digest = digest  # sha256 of the TOC JSON: what toc.digest annotates
         self.legacy = legacy
         self.payload_size = payload_size  # where the TOC starts in the blob
+        # the same object for an entry while anyone holds it, and the last
+        # few kept: a file read many times is not made again for each read
+        self._live: weakref.WeakValueDictionary[int, TocEntry] = weakref.WeakValueDictionary()
+        self._recent: dict[int, TocEntry] = {}
+        self._recent_names: dict[str, int] = {}
+        self._lock = threading.Lock()  # for the two above: a mount reads from several threads
+        self._layout: ChunkLayout | None = None
 
     @classmethod
     def parse(
@@ -174,10 +264,8 @@ class Toc:
             version = cls._parse_whole(data, builder)
         if type(version) is not int:
             raise InvalidToc(f"TOC version {version!r} is not an integer")
-        entries, children = builder.finish()
-        return cls(
-            entries, children, version=version, digest=digest, legacy=legacy, payload_size=payload_size
-        )
+        columns = builder.finish()
+        return cls(columns, version=version, digest=digest, legacy=legacy, payload_size=payload_size)
 
     @staticmethod
     def _parse_whole(data: bytes, builder: _Builder) -> Any:
@@ -199,11 +287,11 @@ class Toc:
         return version
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._c)
 
     def __iter__(self) -> Iterator[TocEntry]:
         """Entries in TOC order, then the directories only implied by paths."""
-        return iter(self._entries.values())
+        return (self.entry_at(i) for i in range(len(self._c)))
 
     def __contains__(self, path: str) -> bool:
         return self.get(path) is not None
@@ -216,69 +304,246 @@ class Toc:
 
     def get(self, path: str) -> TocEntry | None:
         """The entry at ``path`` (any spelling: ``/a/b``, ``./a/b``, ``a/b``)."""
-        try:
-            return self._entries.get(clean_name(path.lstrip("/")))
-        except UnsafePath:
-            return None
+        i = self.index_of(path)
+        return None if i is None else self.entry_at(i)
 
     def children(self, path: str) -> Mapping[str, TocEntry]:
-        """A directory's entries by base name (hardlinks as themselves)."""
-        if self._children is None:
-            self._children = _index_children(self._entries)
-        return self._children.get(self[path].name, {})
-
-    def drop_children_index(self) -> None:
-        """Free the per-directory index (~1 MB per 10k entries) once nothing
-        needs it for a while, as a mount after building its inode table;
-        the next ``children`` call builds it again."""
-        self._children = None
+        """A directory's entries by base name (hardlinks as themselves), in TOC order."""
+        i = self._index(path)
+        c = self._c
+        if c.kind[i] != _DIR:
+            return {}
+        return {c.base(k): self.entry_at(k) for k in sorted(self._kid_range(i))}
 
     def resolve(self, entry: TocEntry) -> TocEntry:
         """The entry a hardlink stands for (validated to exist at parse time)."""
         while entry.type is EntryType.HARDLINK:
-            entry = self._entries[entry.link_name]
+            entry = self[entry.link_name]
         return entry
 
     def chunks_for_range(self, path: str, offset: int, length: int) -> list[ChunkRef]:
         """The chunks holding bytes ``[offset, offset+length)`` of a regular file."""
-        entry = self.resolve(self[path])
-        if entry.type is not EntryType.REG:
-            raise ValueError(f"{path!r} is a {entry.type}, not a regular file")
-        if offset < 0 or length < 0:
-            raise ValueError("negative offset or length")
-        end = min(offset + length, entry.size)
-        if offset >= end:
-            return []
-        chunks = entry.chunks
-        i = max(0, bisect.bisect_right(chunks, offset, key=lambda c: c.file_offset) - 1)
-        found = []
-        while i < len(chunks) and chunks[i].file_offset < end:
-            found.append(chunks[i])
-            i += 1
-        return found
+        i = self.resolve_at(self._index(path))
+        if self._c.kind[i] != _REG:
+            raise ValueError(f"{path!r} is a {_TYPES[self._c.kind[i]]}, not a regular file")
+        return self.chunks_for_range_at(i, offset, length)
+
+    def layout(self) -> ChunkLayout:
+        """Every chunk of the layer once, in blob order (a hardlink has no
+        chunks of its own; no two chunks share a blob offset), made on access."""
+        if self._layout is None:
+            self._layout = ChunkLayout(self)
+        return self._layout
 
     @property
     def verifiable(self) -> bool:
         """Whether every chunk has a digest to check it against."""
-        return all(c.digest for e in self for c in e.chunks)
+        return -1 not in self._c.c_digest
 
     @property
     def prefetch_size(self) -> int | None:
         """How many leading blob bytes hold the prioritized files (the
         ``.prefetch.landmark``'s offset), or None when nothing is prioritized."""
-        landmark = self._entries.get(PREFETCH_LANDMARK)
-        if landmark is None or not landmark.chunks:
+        i = self.index_of(PREFETCH_LANDMARK)
+        if i is None:
             return None
-        return landmark.chunks[0].blob_offset
+        start, end = self._c.chunk_start[i], self._c.chunk_start[i + 1]
+        return self._c.c_blob_offset[start] if end > start else None
+
+    # --- by entry number ------------------------------------------------------
+
+    def index_of(self, path: str) -> int | None:
+        """The number of the entry at ``path`` (any spelling), or None."""
+        found = self._recent_names.get(path)
+        if found is not None:
+            return found
+        try:
+            name = clean_name(path.lstrip("/"))
+        except UnsafePath:
+            return None
+        c = self._c
+        i = c.root
+        if name:
+            bases = c.bases
+            starts = c.base_start
+            for part in name.split("/"):
+                lo, hi = c.kid_start[i], c.kid_start[i + 1]
+                kids = c.kids
+                j = bisect.bisect_left(kids, part, lo, hi, key=lambda k: bases[starts[k] : starts[k + 1]])
+                if j == hi or c.base(kids[j]) != part:
+                    return None
+                i = kids[j]
+        with self._lock:
+            _remember(self._recent_names, path, i)
+        return i
+
+    def entry_at(self, i: int) -> TocEntry:
+        """Entry number ``i`` as a ``TocEntry``."""
+        entry = self._recent.get(i)
+        if entry is None:
+            with self._lock:
+                entry = self._live.get(i)
+                if entry is None:
+                    entry = self._make(i)
+                    self._live[i] = entry
+                _remember(self._recent, i, entry)
+        return entry
+
+    def name_at(self, i: int) -> str:
+        """The normalized path of entry ``i``."""
+        c = self._c
+        parts = []
+        while i != c.root:
+            parts.append(c.base(i))
+            i = c.parent[i]
+        return "/".join(reversed(parts))
+
+    def type_at(self, i: int) -> EntryType:
+        return _TYPES[self._c.kind[i]]
+
+    def mode_at(self, i: int) -> int:
+        return self._c.mode[i]
+
+    def uid_at(self, i: int) -> int:
+        return self._c.uid[i]
+
+    def gid_at(self, i: int) -> int:
+        return self._c.gid[i]
+
+    def mtime_at(self, i: int) -> float:
+        return self._c.mtimes[self._c.modtime[i]]
+
+    def stat_at(self, i: int) -> tuple[int, int, int, int, int, float]:
+        """``(mode, uid, gid, size, nlink, mtime)`` of entry ``i`` in one call
+        (a getattr's worth: the FUSE layer's hottest path)."""
+        c = self._c
+        return c.mode[i], c.uid[i], c.gid[i], c.size[i], c.nlink[i], c.mtimes[c.modtime[i]]
+
+    def size_at(self, i: int) -> int:
+        return self._c.size[i]
+
+    def nlink_at(self, i: int) -> int:
+        return self._c.nlink[i]
+
+    def link_at(self, i: int) -> str:
+        """A symlink's target as written, a hardlink's normalized final target; else ""."""
+        return self._c.links.get(i, "")
+
+    def dev_at(self, i: int) -> tuple[int, int]:
+        """``(major, minor)`` of a device; (0, 0) for anything else."""
+        return self._c.devs.get(i, (0, 0))
+
+    def xattrs_at(self, i: int) -> Mapping[str, bytes]:
+        return self._c.xattrs.get(i, _NO_XATTRS)
+
+    def children_at(self, i: int) -> list[int]:
+        """The numbers of a directory's entries, sorted by base name."""
+        return list(self._kid_range(i))
+
+    def base_at(self, i: int) -> str:
+        return self._c.base(i)
+
+    def resolve_at(self, i: int) -> int:
+        """The number of the entry a hardlink stands for (``i`` for anything else)."""
+        while self._c.kind[i] == _HARDLINK:
+            i = self._index(self._c.links.get(i))
+        return i
+
+    def chunk_count_at(self, i: int) -> int:
+        return self._c.chunk_start[i + 1] - self._c.chunk_start[i]
+
+    def chunks_at(self, i: int) -> tuple[ChunkRef, ...]:
+        return tuple(self._chunk(k) for k in range(self._c.chunk_start[i], self._c.chunk_start[i + 1]))
+
+    def chunks_for_range_at(self, i: int, offset: int, length: int) -> list[ChunkRef]:
+        """``chunks_for_range`` of regular file number ``i``."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        c = self._c
+        end = min(offset + length, c.size[i])
+        if offset >= end:
+            return []
+        lo, hi = c.chunk_start[i], c.chunk_start[i + 1]
+        k = max(lo, bisect.bisect_right(c.c_file_offset, offset, lo, hi) - 1)
+        found = []
+        while k < hi and c.c_file_offset[k] < end:
+            found.append(self._chunk(k))
+            k += 1
+        return found
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _index(self, path: str) -> int:
+        i = self.index_of(path)
+        if i is None:
+            raise KeyError(path)
+        return i
+
+    def _kid_range(self, i: int) -> Any:
+        c = self._c
+        return c.kids[c.kid_start[i] : c.kid_start[i + 1]]
+
+    def _chunk(self, k: int) -> ChunkRef:
+        c = self._c
+        d = c.c_digest[k]
+        return ChunkRef(
+            c.c_file_offset[k], c.c_size[k], c.c_blob_offset[k], c.c_blob_end[k], c.c_inner.get(k, 0),
+            None if d < 0 else c.digests[d],
+        )
+
+    def _make(self, i: int) -> TocEntry:
+        c = self._c
+        kind = _TYPES[c.kind[i]]
+        d = c.digest[i]
+        major, minor = c.devs.get(i, (0, 0))
+        if i >= c.explicit:
+            return TocEntry(name=self.name_at(i), type=kind, mode=c.mode[i], nlink=c.nlink[i], implicit=True)
+        return TocEntry(
+            name=self.name_at(i),
+            type=kind,
+            mode=c.mode[i],
+            uid=c.uid[i],
+            gid=c.gid[i],
+            uname=c.strings[c.uname[i]],
+            gname=c.strings[c.gname[i]],
+            modtime=c.modtimes[c.modtime[i]],
+            mtime=c.mtimes[c.modtime[i]],
+            size=c.size[i],
+            link_name=c.links.get(i, ""),
+            dev_major=major,
+            dev_minor=minor,
+            xattrs=c.xattrs.get(i, _NO_XATTRS),  # type: ignore[arg-type]
+            digest=None if d < 0 else c.digests[d],
+            chunks=self.chunks_at(i),
+            nlink=c.nlink[i],
+        )
 
 
-@dataclass(slots=True)
-class _PendingChunk:
-    blob_offset: int
-    file_offset: int
-    size: int
-    inner_offset: int
-    digest: str | None
+class ChunkLayout(Sequence[ChunkRef]):
+    """A ``Toc``'s chunks in blob order, as a sequence of ``ChunkRef``s made
+    when indexed: the fetcher and the prefetcher keep it for the mount's
+    life, which as ``ChunkRef`` objects would cost ~300 bytes per chunk.
+    ``blob_offsets`` is their (sorted) blob offsets, for bisecting."""
+
+    __slots__ = ("_toc", "_order", "blob_offsets")
+
+    def __init__(self, toc: Toc) -> None:
+        offsets = toc._c.c_blob_offset
+        self._toc = toc
+        self._order = toc._c.c_order
+        self.blob_offsets = array("Q", (offsets[k] for k in self._order))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._toc._chunk(k) for k in self._order[i]]
+        return self._toc._chunk(self._order[i])
+
+    def __iter__(self) -> Iterator[ChunkRef]:
+        chunk = self._toc._chunk
+        return (chunk(k) for k in self._order)
 
 
 class _Builder:
@@ -287,20 +552,16 @@ class _Builder:
     def __init__(self, payload_size: int, limits: Limits) -> None:
         self._payload_size = payload_size
         self._limits = limits
-        self._entries: dict[str, TocEntry] = {}
-        self._chunks: dict[str, list[_PendingChunk]] = {}
-        self._file: TocEntry | None = None  # the regular file chunks attach to
+        self._c = _Columns()
+        self._names: list[str] = []  # full names by entry number, until finish
+        self._index: dict[str, int] = {}  # and the other way round
+        self._file = -1  # the regular file chunks attach to
+        self._chunk_owner = array("Q")  # entry number of each chunk, until finish
         self._unames: dict[int, str] = {}
         self._gnames: dict[int, str] = {}
-        # one object per distinct string value of the fields that repeat
-        # (modtime, user/group names, digests: a one-chunk file's chunk
-        # digest is its file digest); saves ~1-2 MB per 10k entries
-        self._strings: dict[str, str] = {}
-        self._ints: dict[int, int] = {}
-        self._mtimes: dict[str, float] = {}  # modtime -> mtime: files of one package share one
-
-    def _intern(self, value: str) -> str:
-        return self._strings.setdefault(value, value)
+        self._strings: dict[str, int] = {}  # user/group name -> index in columns.strings
+        self._modtimes: dict[str, int] = {}  # modtime -> index in columns.modtimes
+        self._file_digest = ""  # the digest text of that file, for its chunks to share
 
     def add(self, index: int, raw: Any) -> None:
         if not isinstance(raw, dict):
@@ -317,147 +578,302 @@ class _Builder:
             self._add_entry(raw_name, kind, raw)
 
     def _add_chunk(self, raw_name: str, raw: dict) -> None:
-        file = self._file
-        if file is None:
+        if self._file < 0:
             raise InvalidEntry(raw_name, "chunk entry does not follow a regular file")
-        if raw_name and clean_name(raw_name) != file.name:
-            raise InvalidEntry(raw_name, f"chunk entry follows {file.name!r}")
-        self._chunks[file.name].append(_pending_chunk(file.name, raw, self._intern))
+        name = self._names[self._file]
+        if raw_name and clean_name(raw_name) != name:
+            raise InvalidEntry(raw_name, f"chunk entry follows {name!r}")
+        self._chunk(name, raw)
+
+    def _chunk(self, name: str, raw: dict) -> None:
+        digest = _str(raw, "chunkDigest", name)
+        if digest and not is_digest(digest):
+            raise InvalidEntry(name, f"bad chunkDigest {digest!r}")
+        c = self._c
+        c.c_blob_offset.append(_int(raw, "offset", name))
+        c.c_file_offset.append(_int(raw, "chunkOffset", name))
+        c.c_size.append(_int(raw, "chunkSize", name))
+        inner = _int(raw, "innerOffset", name)
+        if inner:
+            c.c_inner[len(c.c_digest)] = inner
+        if not digest:
+            c.c_digest.append(-1)
+        elif digest == self._file_digest:  # a one-chunk file's chunk digest is its file digest
+            c.c_digest.append(c.digest[self._file])
+        else:
+            c.c_digest.append(c.digests.add(digest))
+        self._chunk_owner.append(self._file)
+
+    def _string(self, value: str) -> int:
+        k = self._strings.get(value)
+        if k is None:
+            k = self._strings[value] = len(self._c.strings)
+            self._c.strings.append(value)
+        return k
+
+    def _modtime(self, modtime: str, name: str) -> int:
+        k = self._modtimes.get(modtime)
+        if k is None:
+            mtime = _parse_modtime(modtime, name)  # files of one package share one
+            k = self._modtimes[modtime] = len(self._c.modtimes)
+            self._c.modtimes.append(modtime)
+            self._c.mtimes.append(mtime)
+        return k
 
     def _add_entry(self, raw_name: str, kind: EntryType, raw: dict) -> None:
         name = clean_name(raw_name)
-        if name in self._entries:
+        if name in self._index:
             raise DuplicateEntry(raw_name, "name appears twice")
         if name == "" and kind is not EntryType.DIR:
             raise InvalidEntry(raw_name, f"the root is a {kind}")
-        entry = TocEntry(name=name, type=kind)
         mode = _int(raw, "mode", name)
-        entry.mode = self._ints.setdefault(mode, mode)  # a handful of distinct values
-        entry.uid = _int(raw, "uid", name)
-        entry.gid = _int(raw, "gid", name)
+        uid = _int(raw, "uid", name)
+        gid = _int(raw, "gid", name)
         # The writer states a user/group name only when it changes for an ID.
-        entry.uname = self._intern(_str(raw, "userName", name) or self._unames.get(entry.uid, ""))
-        entry.gname = self._intern(_str(raw, "groupName", name) or self._gnames.get(entry.gid, ""))
-        self._unames[entry.uid] = entry.uname
-        self._gnames[entry.gid] = entry.gname
-        entry.modtime = self._intern(_str(raw, "modtime", name))
-        mtime = self._mtimes.get(entry.modtime)
-        if mtime is None:
-            mtime = self._mtimes[entry.modtime] = _parse_modtime(entry.modtime, name)
-        entry.mtime = mtime
-        entry.xattrs = _xattrs(raw, name)
-        entry.link_name = _str(raw, "linkName", name)
+        uname = _str(raw, "userName", name) or self._unames.get(uid, "")
+        gname = _str(raw, "groupName", name) or self._gnames.get(gid, "")
+        self._unames[uid] = uname
+        self._gnames[gid] = gname
+        modtime = self._modtime(_str(raw, "modtime", name), name)
+        xattrs = _xattrs(raw, name)
+        link_name = _str(raw, "linkName", name)
         if kind in (EntryType.SYMLINK, EntryType.HARDLINK):
-            if not entry.link_name or "\x00" in entry.link_name:
-                raise InvalidEntry(name, f"bad link target {entry.link_name!r}")
+            if not link_name or "\x00" in link_name:
+                raise InvalidEntry(name, f"bad link target {link_name!r}")
+        dev = None
         if kind in (EntryType.CHAR, EntryType.BLOCK):
-            entry.dev_major = _int(raw, "devMajor", name)
-            entry.dev_minor = _int(raw, "devMinor", name)
-        self._file = None
+            dev = (_int(raw, "devMajor", name), _int(raw, "devMinor", name))
+        size, digest = 0, -1
         if kind is EntryType.REG:
-            entry.size = _int(raw, "size", name)
-            digest = _str(raw, "digest", name)
-            if digest and not is_digest(digest):
-                raise InvalidEntry(name, f"bad digest {digest!r}")
-            entry.digest = self._intern(digest) if digest else None
-            self._file = entry
-            self._chunks[name] = [_pending_chunk(name, raw, self._intern)] if entry.size else []
-        self._entries[name] = entry
+            size = _int(raw, "size", name)
+            text = _str(raw, "digest", name)
+            if text and not is_digest(text):
+                raise InvalidEntry(name, f"bad digest {text!r}")
+            digest = self._c.digests.add(text) if text else -1
+        i = self._append(name, kind, mode, nlink=1)
+        c = self._c
+        c.uid[i], c.gid[i] = uid, gid
+        c.uname[i], c.gname[i] = self._string(uname), self._string(gname)
+        c.modtime[i] = modtime
+        c.size[i] = size
+        c.digest[i] = digest
+        if xattrs:
+            c.xattrs[i] = xattrs
+        if link_name:
+            c.links[i] = link_name
+        if dev is not None:
+            c.devs[i] = dev
+        self._file = -1
+        if kind is EntryType.REG:
+            self._file = i
+            self._file_digest = text
+            if size:
+                self._chunk(name, raw)
 
-    def finish(self) -> tuple[dict[str, TocEntry], None]:
+    def _append(self, name: str, kind: EntryType, mode: int, nlink: int) -> int:
+        """A new entry with default fields; its number."""
+        c = self._c
+        i = len(c.kind)
+        self._index[name] = i
+        self._names.append(name)
+        c.kind.append(_TYPE_CODE[kind])
+        c.mode.append(mode)
+        c.uid.append(0)
+        c.gid.append(0)
+        c.uname.append(self._string(""))
+        c.gname.append(self._string(""))
+        c.modtime.append(self._modtime("", name))
+        c.size.append(0)
+        c.nlink.append(nlink)
+        c.digest.append(-1)
+        return i
+
+    def finish(self) -> _Columns:
+        c = self._c
+        c.explicit = len(c.kind)
         self._attach_chunks()
-        entries = self._entries
-        for entry in entries.values():
-            if entry.type is EntryType.HARDLINK:
-                entry.link_name = self._link_target(entry)
-        if "" not in entries:
-            entries[""] = TocEntry(name="", type=EntryType.DIR, mode=0o755, implicit=True)
-        entries[""].nlink = 2
-        # the per-directory index is built on first use (``Toc.children``),
-        # not here: the parse's memory peak is lower without it
-        for name, entry in list(entries.items()):
+        for i in list(c.links):
+            if c.kind[i] == _HARDLINK:
+                c.links[i] = self._link_target(i)
+        if "" not in self._index:
+            self._append("", EntryType.DIR, 0o755, nlink=1)
+        c.root = self._index[""]
+        c.nlink[c.root] = 2
+        parents = array("i", [-1]) * len(c.kind)
+        for i, name in enumerate(list(self._names)):
             if name:
-                parent = self._directory(parent_of(name), child=name)
-                if entry.type is EntryType.DIR:
-                    parent.nlink += 1
-                    entry.nlink += 1  # its own "."; the parent's link counted above
-        for entry in entries.values():
-            if entry.type is EntryType.HARDLINK:
-                target = entries[entry.link_name]
-                target.nlink += 1
-        for entry in entries.values():
-            if entry.type is EntryType.HARDLINK:
-                entry.nlink = entries[entry.link_name].nlink
-        return entries, None
+                parent = self._directory(parent_of(name), child=name, parents=parents)
+                parents[i] = parent
+                if c.kind[i] == _DIR:
+                    c.nlink[parent] += 1
+                    c.nlink[i] += 1  # its own "."; the parent's link counted above
+        hardlinks = [i for i in c.links if c.kind[i] == _HARDLINK]
+        for i in hardlinks:
+            c.nlink[self._index[c.links[i]]] += 1
+        for i in hardlinks:
+            c.nlink[i] = c.nlink[self._index[c.links[i]]]
+        parents.extend([-1] * (len(c.kind) - len(parents)))  # implied directories made above
+        for i, name in enumerate(self._names[c.explicit :], c.explicit):
+            if name:
+                parents[i] = self._index[parent_of(name)]
+        c.parent = parents
+        c.chunk_start.extend([c.chunk_start[-1]] * (len(c.kind) + 1 - len(c.chunk_start)))  # implied: none
+        self._index_names()
+        self._compact()
+        return c
 
-    def _directory(self, name: str, child: str) -> TocEntry:
+    def _compact(self) -> None:
+        """The parse's last small objects (distinct names and times, link
+        targets: decoded at random moments of the parse) as a few big ones:
+        otherwise each keeps a pymalloc pool, and with it an arena of the
+        parse's freed memory, resident for the mount's life."""
+        c = self._c
+        self._strings, self._modtimes = {}, {}
+        c.strings = Strings(c.strings)
+        c.modtimes = Strings(c.modtimes)
+        c.mtimes = array("d", c.mtimes)
+        c.links = SparseStrings(c.links)  # type: ignore[arg-type]
+        c.rehome()
+
+    def _directory(self, name: str, child: str, parents: array) -> int:
         """The directory ``name``, created (implicitly) if the TOC lacks it."""
-        entry = self._entries.get(name)
-        if entry is None:
-            entry = TocEntry(name=name, type=EntryType.DIR, mode=0o755, nlink=2, implicit=True)
-            self._entries[name] = entry
-            parent = self._directory(parent_of(name), child=name)
-            parent.nlink += 1
-        elif entry.type is not EntryType.DIR:
-            raise InvalidEntry(child, f"parent {name!r} is a {entry.type}, not a directory")
-        return entry
+        i = self._index.get(name)
+        if i is None:
+            i = self._append(name, EntryType.DIR, 0o755, nlink=2)
+            parent = self._directory(parent_of(name), child=name, parents=parents)
+            self._c.nlink[parent] += 1
+        elif self._c.kind[i] != _DIR:
+            raise InvalidEntry(child, f"parent {name!r} is a {_TYPES[self._c.kind[i]]}, not a directory")
+        return i
 
-    def _link_target(self, link: TocEntry) -> str:
+    def _index_names(self) -> None:
+        """Base names into one string, and the sorted directory index; the
+        full names and the name -> number dict are dropped. (Few objects
+        per entry on the way: this runs at the mount's memory peak.)"""
+        c = self._c
+        names, self._names, self._index = self._names, [], {}
+        out = io.StringIO()
+        for name in names:
+            base = name.rpartition("/")[2]
+            out.write(base)
+            c.base_start.append(c.base_start[-1] + len(base))
+        del names
+        c.bases = out.getvalue()
+        n = len(c.kind)
+        # children grouped by parent (a counting sort), then each group by base name
+        kid_start = array("I", [0]) * (n + 1)
+        for i in range(n):
+            if i != c.root:
+                kid_start[c.parent[i] + 1] += 1
+        for i in range(n):
+            kid_start[i + 1] += kid_start[i]
+        kids = array("I", [0]) * kid_start[n]
+        fill = array("I", kid_start)
+        for i in range(n):
+            if i != c.root:
+                kids[fill[c.parent[i]]] = i
+                fill[c.parent[i]] += 1
+        for i in range(n):
+            lo, hi = kid_start[i], kid_start[i + 1]
+            if hi - lo > 1:
+                kids[lo:hi] = array("I", sorted(kids[lo:hi], key=c.base))
+        c.kids, c.kid_start = kids, kid_start
+
+    def _refuse_shared_offsets(self) -> None:
+        """Two chunks at one blob offset (and inner offset): the error names
+        the first chunk, in TOC order, whose place another one took."""
+        c = self._c
+        seen: set[tuple[int, int]] = set()
+        for k in range(len(c.c_digest)):
+            key = (c.c_blob_offset[k], c.c_inner.get(k, 0))
+            if key in seen:
+                raise OffsetOutOfRange(self._names[self._chunk_owner[k]], f"a second chunk at blob offset {key[0]}")
+            seen.add(key)
+
+    def _link_target(self, link: int) -> str:
         """The final non-hardlink target of a hardlink, refusing cycles."""
-        seen = {link.name}
-        entry = link
-        while entry.type is EntryType.HARDLINK:
-            target_name = clean_name(entry.link_name)
-            target = self._entries.get(target_name)
+        c = self._c
+        link_name = self._names[link]
+        seen = {link_name}
+        i = link
+        while c.kind[i] == _HARDLINK:
+            target_name = clean_name(c.links[i])
+            target = self._index.get(target_name)
             if target is None:
-                raise MissingLinkTarget(link.name, f"hardlink target {entry.link_name!r} is not in the layer")
-            if target.type is EntryType.DIR:
-                raise MissingLinkTarget(link.name, f"hardlink target {entry.link_name!r} is a directory")
+                raise MissingLinkTarget(link_name, f"hardlink target {c.links[i]!r} is not in the layer")
+            if c.kind[target] == _DIR:
+                raise MissingLinkTarget(link_name, f"hardlink target {c.links[i]!r} is a directory")
             if target_name in seen:
-                raise MissingLinkTarget(link.name, "hardlinks form a cycle")
+                raise MissingLinkTarget(link_name, "hardlinks form a cycle")
             seen.add(target_name)
-            entry = target
-        return entry.name
+            i = target
+        return self._names[i]
 
     def _attach_chunks(self) -> None:
         """Check every file's chunks tile it exactly, then compute each chunk's
         compressed end: the next chunk's start or the TOC."""
-        pending = []
-        for name, chunks in self._chunks.items():
-            entry = self._entries[name]
+        c = self._c
+        owners = self._chunk_owner
+        n = len(owners)
+        # chunks come in entry order (a file's follow it): file i's are
+        # chunk_start[i]:chunk_start[i + 1]
+        chunk_start = array("I", [0]) * (len(c.kind) + 1)
+        for owner in owners:
+            chunk_start[owner + 1] += 1
+        for i in range(len(c.kind)):
+            chunk_start[i + 1] += chunk_start[i]
+        c.chunk_start = chunk_start
+        for i in range(len(c.kind)):
+            if c.kind[i] != _REG:
+                continue
+            name, size = self._names[i], c.size[i]
+            first, last = chunk_start[i], chunk_start[i + 1]
             expected = 0
-            for chunk in chunks:
-                if chunk.size == 0:  # "chunkSize" 0 or absent: up to the end of the file
-                    chunk.size = entry.size - chunk.file_offset
-                if chunk.file_offset != expected:
-                    raise SizeMismatch(name, f"chunk at file offset {chunk.file_offset}, expected {expected}")
-                if chunk.size <= 0 or expected + chunk.size > entry.size:
-                    raise SizeMismatch(name, f"chunk of {chunk.size} bytes at {expected} overruns the {entry.size}-byte file")
-                if chunk.size > self._limits.max_chunk_size:
-                    raise ChunkTooLarge(f"{name!r}: {chunk.size}-byte chunk exceeds the {self._limits.max_chunk_size}-byte limit")
-                if not 0 <= chunk.blob_offset < self._payload_size:
-                    raise OffsetOutOfRange(name, f"chunk offset {chunk.blob_offset} is outside the payload [0, {self._payload_size})")
-                expected += chunk.size
-                pending.append((entry, chunk))
-            if expected != entry.size:
-                raise SizeMismatch(name, f"chunks hold {expected} of {entry.size} bytes")
-            if len(chunks) == 1 and chunks[0].digest is None:
-                chunks[0].digest = entry.digest  # the whole file is the chunk
-        starts = sorted({chunk.blob_offset for _, chunk in pending})
-        seen: set[tuple[int, int]] = set()
-        refs: dict[str, list[ChunkRef]] = {name: [] for name in self._chunks}
-        for entry, chunk in pending:
-            key = (chunk.blob_offset, chunk.inner_offset)
-            if key in seen:
-                raise OffsetOutOfRange(entry.name, f"a second chunk at blob offset {chunk.blob_offset}")
-            seen.add(key)
-            i = bisect.bisect_right(starts, chunk.blob_offset)
-            end = starts[i] if i < len(starts) else self._payload_size
-            refs[entry.name].append(
-                ChunkRef(chunk.file_offset, chunk.size, chunk.blob_offset, end, chunk.inner_offset, chunk.digest)
-            )
-        for name, chunk_refs in refs.items():
-            self._entries[name].chunks = tuple(chunk_refs)
+            for k in range(first, last):
+                if c.c_size[k] == 0:  # "chunkSize" 0 or absent: up to the end of the file
+                    c.c_size[k] = size - c.c_file_offset[k]
+                chunk_size, file_offset, blob_offset = c.c_size[k], c.c_file_offset[k], c.c_blob_offset[k]
+                if file_offset != expected:
+                    raise SizeMismatch(name, f"chunk at file offset {file_offset}, expected {expected}")
+                if chunk_size <= 0 or expected + chunk_size > size:
+                    raise SizeMismatch(name, f"chunk of {chunk_size} bytes at {expected} overruns the {size}-byte file")
+                if chunk_size > self._limits.max_chunk_size:
+                    raise ChunkTooLarge(f"{name!r}: {chunk_size}-byte chunk exceeds the {self._limits.max_chunk_size}-byte limit")
+                if not 0 <= blob_offset < self._payload_size:
+                    raise OffsetOutOfRange(name, f"chunk offset {blob_offset} is outside the payload [0, {self._payload_size})")
+                expected += chunk_size
+            if expected != size:
+                raise SizeMismatch(name, f"chunks hold {expected} of {size} bytes")
+            if last - first == 1 and c.c_digest[first] < 0:
+                c.c_digest[first] = c.digest[i]  # the whole file is the chunk
+        # every chunk's offset is in the payload now: the array holds them all
+        offsets = c.c_blob_offset.array
+        if all(offsets[k] <= offsets[k + 1] for k in range(n - 1)):  # as writers write them
+            order = array("I", range(n))
+        else:
+            order = array("I", sorted(range(n), key=offsets.__getitem__))  # stable: chunk order on ties
+        c.c_order = order
+        c.c_blob_end = Ints.zeros(n)
+        following = self._payload_size  # the next greater chunk offset, or the TOC
+        duplicates = False
+        for pos in range(n - 1, -1, -1):
+            k = order[pos]
+            if pos + 1 < n:
+                if offsets[order[pos + 1]] != offsets[k]:
+                    following = offsets[order[pos + 1]]
+                else:
+                    duplicates = True
+            c.c_blob_end[k] = following
+        if duplicates:
+            self._refuse_shared_offsets()
+        self._chunk_owner = array("Q")
+
+
+def _remember(recent: dict[Any, Any], key: Any, value: Any) -> None:
+    """``recent[key] = value``, forgetting the oldest beyond ``_RECENT``."""
+    if len(recent) >= _RECENT:
+        del recent[next(iter(recent))]
+    recent[key] = value
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -571,30 +987,6 @@ def _stream_entries(data: bytes, builder: _Builder) -> tuple[bool, Any]:
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return False, None
     return True, version
-
-
-def _index_children(entries: Mapping[str, TocEntry]) -> dict[str, dict[str, TocEntry]]:
-    """The per-directory index of a finished, validated TOC."""
-    children: dict[str, dict[str, TocEntry]] = {"": {}}
-    for name, entry in entries.items():
-        if name:
-            children.setdefault(parent_of(name), {})[name.rpartition("/")[2]] = entry
-            if entry.type is EntryType.DIR:
-                children.setdefault(name, {})
-    return children
-
-
-def _pending_chunk(name: str, raw: dict, intern: Any = None) -> _PendingChunk:
-    digest = _str(raw, "chunkDigest", name)
-    if digest and not is_digest(digest):
-        raise InvalidEntry(name, f"bad chunkDigest {digest!r}")
-    return _PendingChunk(
-        blob_offset=_int(raw, "offset", name),
-        file_offset=_int(raw, "chunkOffset", name),
-        size=_int(raw, "chunkSize", name),
-        inner_offset=_int(raw, "innerOffset", name),
-        digest=(intern(digest) if intern else digest) if digest else None,
-    )
 
 
 def _int(raw: dict, key: str, name: str) -> int:

@@ -51,7 +51,30 @@ def test_hardlinks_share_an_inode_and_inodes_are_stable(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     d = tree.lookup(ROOT_INODE, b"d")
     f, hard = tree.lookup(d.ino, b"f"), tree.lookup(d.ino, b"f.hard")
-    assert f is hard and f.nlink == 2
+    assert f == hard and f.ino == hard.ino and f.nlink == 2  # one inode (views of it are equal)
     assert d.parent == ROOT_INODE and tree[ROOT_INODE].parent == ROOT_INODE
     again = _tree(tmp_path, "again")
     assert [(n.ino, n.entry.name) for n in tree] == [(n.ino, n.entry.name) for n in again]
+
+
+def test_lookups_of_odd_names_and_readdir_offsets(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    root = tree[ROOT_INODE]
+    for name in (b"", b"d/f", b"d\0", b"\0", b"bac", b"backs", b".wh.gone"):
+        assert root.child(name) is None and tree.lookup(ROOT_INODE, name) is None
+    assert list(root.listing_from(2)) == root.listing[2:] and list(root.listing_from(9)) == []
+    assert root.names == (b"back", b"d", b"gone", b"sub") and list(root.inos) == [n.ino for n in map(tree.lookup, [ROOT_INODE] * 4, root.names)]
+
+
+def test_stat_is_what_the_properties_say(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    for node in tree:
+        st = node.stat()
+        assert (st.mode, st.nlink, st.size, st.rdev) == (node.mode, node.nlink, node.size, node.rdev)
+        if not (node.mode == stat.S_IFCHR and node.nlink == 1):  # a whiteout has its .wh. entry's owner
+            assert (st.uid, st.gid, st.mtime) == (node.entry.uid, node.entry.gid, node.entry.mtime)
+    back = tree.lookup(ROOT_INODE, b"back")
+    assert back.size == len(b"recreated")
+    # every regular file once, hidden ones (the format's landmark) included, as ever
+    assert tree.total_size == len(b"recreated") + len(b"x") + len(b"not the format's landmark") + len(b"\x0f")
+    assert not tree.has_xattrs or tree.lookup(ROOT_INODE, b"d").xattrs
