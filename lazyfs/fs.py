@@ -22,6 +22,7 @@ import pyfuse3
 
 from .chunkmemo import ChunkMemo
 from .chunks import ChunkStore
+from .dependencies import HEAD_BYTES, DependencyPrefetcher
 from .stargz.toc import ChunkRef, Toc
 from .tree import OPAQUE_XATTRS, ROOT_INODE, LayerTree, Node
 
@@ -106,6 +107,8 @@ class LayerFS(pyfuse3.Operations):
         self.tree = LayerTree(toc, opaque_xattrs=opaque_xattrs)
         self.has_xattrs = self.tree.has_xattrs
         self.memo = memo if memo is not None else ChunkMemo(store)
+        # told of every read at offset 0 (lazyfs.dependencies; set by whoever serves a remote layer)
+        self.dependencies: DependencyPrefetcher | None = None
         self.stats = FsStats()
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
@@ -198,7 +201,8 @@ class LayerFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        entry = self._node(fh).entry
+        node = self._node(fh)
+        entry = node.entry
         if self.accessed is not None:
             add_range(self.accessed.setdefault(entry.name, []), off, min(off + size, entry.size))
         chunks = self.tree.toc.chunks_for_range(entry.name, off, size)
@@ -218,6 +222,8 @@ class LayerFS(pyfuse3.Operations):
         result = b"".join(parts)
         if self.readahead_chunks:
             self._read_ahead(entry.chunks, chunks[-1])
+        if off == 0 and self.dependencies is not None:
+            self.dependencies.file_read(node, result[:HEAD_BYTES])
         self.stats.reads += 1
         self.stats.bytes_read += len(result)
         return result

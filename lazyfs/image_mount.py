@@ -90,6 +90,7 @@ def mount_image(
             record.pids.append(pid)
         if not record.layers:
             raise ImageMountError(f"{reference} has no layers")
+        mount.introduce_peers(record.layers)  # a program's libraries are fetched from every layer ahead of its reads
         if upper is None:
             upper_dir, work_dir = base / "upper", base / "work"
         else:

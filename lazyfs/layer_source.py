@@ -91,6 +91,12 @@ class OpenedLayer:
             with contextlib.suppress(Exception):
                 close()
 
+    @property
+    def is_remote(self) -> bool:
+        """Whether its chunks come over the network (a local blob's do not
+        need predicting)."""
+        return self.status is not None
+
     def store_stats(self) -> dict[str, Any]:
         """The remote store's counters (fetches, cache, prefetch), if any."""
         return self.status() if self.status is not None else {}

@@ -4,8 +4,8 @@
 (footer + TOC only), mounts it with FUSE, tells its parent it is ready
 (``--ready-fd``: one line ``ready`` written to that fd once the mount is in
 place), serves until SIGTERM/SIGINT (then unmounts) or until someone
-unmounts it (then exits), and answers status queries on a unix socket:
-connect, read one JSON object, done. The snapshotter's supervisor and
+unmounts it (then exits), and answers requests on its control socket
+(``lazyfs.control``: its status, and which layers it is merged with). The snapshotter's supervisor and
 ``crfs mount`` both start it this way, so a layer mount outlives whoever
 started it.
 """
@@ -15,21 +15,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import resource
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Sequence
 
+from . import control
 from .forkserver import ForkServer, ForkServerError, serve_forever
 from .layer_source import OpenedLayer, RemoteOptions, open_layer, preload_source
 from .privilege import is_host_root
@@ -152,17 +151,40 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 def status(mountpoint: str | os.PathLike[str], *, timeout: float = 5.0) -> dict[str, Any]:
     """Ask the mount process serving ``mountpoint`` for its counters."""
-    path = control_path(mountpoint)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+    try:
+        return control.ask(control_path(mountpoint), {"op": "status"}, timeout=timeout)
+    except control.ControlError as exc:
+        raise MountError(str(exc)) from None
+
+
+def introduce_peers(mountpoints: Sequence[str | os.PathLike[str]], *, timeout: float = 1.0) -> int:
+    """Tell each layer mount in ``mountpoints`` (the lower layers of one
+    overlay) the others' control sockets, so that a program starting from
+    one of them gets its libraries fetched from the others ahead of time
+    (``lazyfs.dependencies``). Best effort: how many took it."""
+    controls = [str(control_path(m)) for m in mountpoints]
+    told = 0
+    for own in controls:
         try:
-            sock.connect(str(path))
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        except OSError as exc:
-            raise MountError(f"no lazyfs mount answers at {path}: {exc}") from None
-    return json.loads(data)
+            control.ask(own, {"op": "peers", "controls": [c for c in controls if c != own]}, timeout=timeout)
+            told += 1
+        except control.ControlError as exc:
+            log.debug("%s", exc)
+    return told
+
+
+def want_files(mountpoints: Sequence[str | os.PathLike[str]], paths: Sequence[str], *, timeout: float = 1.0) -> int:
+    """Tell each layer mount that ``paths`` (absolute, in the merged view)
+    are about to be opened: each fetches those it has, and what they load
+    (``lazyfs.dependencies``). Best effort: how many took it."""
+    told = 0
+    for mountpoint in mountpoints:
+        try:
+            control.ask(control_path(mountpoint), {"op": "want", "wants": {"paths": list(paths)}}, timeout=timeout)
+            told += 1
+        except control.ControlError as exc:
+            log.debug("%s", exc)
+    return told
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:

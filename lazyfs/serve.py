@@ -23,11 +23,14 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import control as control_protocol
+from .dependencies import DependencyPrefetcher, Wants
 from .fs import LayerFS, mount_options
 from .layer_source import OpenedLayer
 from .tree import OPAQUE_XATTRS
 
 log = logging.getLogger(__name__)
+REQUEST_WAIT = 1.0  # seconds a connection may take to send its request line
 
 
 def serve(
@@ -40,9 +43,15 @@ def serve(
     # pyfuse3 (for comparisons and tests); the default is no-open when supported
     no_open = None if os.environ.get("CRFS_LAZYFS_NO_OPEN", "") != "0" else False
     fs = LayerFS(layer.toc, layer.store, opaque_xattrs=opaque_xattrs, no_open=no_open, record_access=record_access)
+    peers = Peers(control)
+    if layer.is_remote and os.environ.get("CRFS_LAZYFS_DEPENDENCIES", "") != "0":
+        fs.dependencies = DependencyPrefetcher(fs.tree, fs.memo, tell_peers=peers.tell)
     trim_heap()
+    fs.mountpoint = mountpoint  # its init raises the kernel's read-ahead for the mount
     pyfuse3.init(fs, mountpoint, mount_options(allow_other=allow_other))
     external = trio.Event()  # set when someone else unmounted us
+    # listening before "ready": whoever waits for that may ask at once
+    listening = _control_socket(control) if control else None
     try:
         ready()
 
@@ -58,6 +67,8 @@ def serve(
                 **asdict(fs.stats),
                 **asdict(fs.memo.stats),
                 "store": layer.store_stats(),
+                "peers": len(peers.controls),
+                **({"dependencies": fs.dependencies.status()} if fs.dependencies is not None else {}),
                 **({"accessed": list(fs.accessed),  # paths, in first-read order
                     # and the byte ranges of each read: {path: [[offset, length], ...]}
                     "accessed_ranges": {p: [[s, e - s] for s, e in r] for p, r in fs.accessed.items()}}
@@ -66,8 +77,8 @@ def serve(
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:
-                if control:
-                    await nursery.start(_serve_control, control, status)
+                if listening is not None:
+                    await nursery.start(_serve_control, listening, status, peers, fs.dependencies)
                 nursery.start_soon(_fuse_main, nursery.cancel_scope, external)
                 await _until_signal()
                 nursery.cancel_scope.cancel()
@@ -76,6 +87,8 @@ def serve(
     finally:
         log.info("leaving %s (%s)", mountpoint, "unmounted from outside" if external.is_set() else "unmounting")
         pyfuse3.close(unmount=not external.is_set())
+        if listening is not None:
+            listening.close()
         if control:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
@@ -106,18 +119,81 @@ async def _until_signal() -> None:
             return
 
 
-async def _serve_control(path: str, status: Callable[[], dict[str, Any]], task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Each connection gets the status as one JSON line, then EOF."""
+class Peers:
+    """The control sockets of the layers merged with this one (the
+    snapshotter names them), and telling them what is wanted."""
+
+    def __init__(self, own: str | None) -> None:
+        self.own = own
+        self.controls: list[str] = []
+
+    def add(self, controls: list[str]) -> None:
+        """A layer may be in several overlays: the union, newest last, bounded."""
+        merged = dict.fromkeys(c for c in self.controls if c not in controls)
+        merged.update(dict.fromkeys(c for c in controls if c != self.own))
+        self.controls = list(merged)[-control_protocol.MAX_PEERS :]
+
+    def tell(self, wants: Wants) -> None:
+        """Sends ``wants`` to every peer, in a worker thread (trio thread only)."""
+        for path in self.controls:
+            trio.lowlevel.spawn_system_task(self._send, path, wants, name="lazyfs-tell-peer")
+
+    async def _send(self, path: str, wants: Wants) -> None:
+        request = {"op": "want", "wants": wants.to_json()}
+        try:
+            await trio.to_thread.run_sync(lambda: control_protocol.ask(path, request, timeout=2.0), abandon_on_cancel=True)
+        except control_protocol.ControlError as exc:
+            log.info("peer %s did not take the request: %s", path, exc)
+
+
+def _control_socket(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(16)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _serve_control(
+    listening: socket.socket, status: Callable[[], dict[str, Any]], peers: Peers,
+    dependencies: DependencyPrefetcher | None, task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """One request line per connection (``lazyfs.control``), one answer line."""
+    sock = trio.socket.from_stdlib_socket(listening)
+
+    def handle(line: bytes) -> dict[str, Any]:
+        try:
+            op, request = control_protocol.parse_request(line)
+            if op == "peers":
+                peers.add(request["controls"])
+                return {"ok": True, "peers": len(peers.controls)}
+            if op == "want":
+                wants = Wants.from_json(request["wants"])
+                if dependencies is not None:
+                    dependencies.want(wants)
+                return {"ok": True}
+        except ValueError as exc:
+            return {"error": str(exc)}
+        return status()
 
     async def answer(stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(json.dumps(status()).encode() + b"\n")
+            line = b""
+            # a client of the first protocol sends nothing and waits for the status
+            with trio.move_on_after(REQUEST_WAIT):
+                while b"\n" not in line and len(line) <= control_protocol.MAX_LINE:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    line += data
+            answer = handle(line) if len(line) <= control_protocol.MAX_LINE else {"error": "request too long"}
+            await stream.send_all(json.dumps(answer).encode() + b"\n")
         await stream.aclose()
 
     listener = trio.SocketListener(sock)
