@@ -15,16 +15,20 @@ import dataclasses
 import logging
 import os
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from lazyfs import mount
 from lazyfs.layer_source import RemoteOptions
 
+from .image_start import ImageStart, fetch_image_start
 from .store import RemoteLayer
 from .supervisor import MountSupervisor, SupervisorError
 
 log = logging.getLogger(__name__)
+MAX_IMAGE_STARTS = 32
 
 
 class LayerUnavailable(Exception):
@@ -51,6 +55,8 @@ class LayerMounts:
         self._premount_slots = threading.BoundedSemaphore(premount_parallel)
         self._premount_hold = premount_hold
         self._premount_wait = premount_wait
+        self._starts: dict[str, Future[ImageStart]] = {}  # manifest digest -> its start, a few recent ones
+        self._starts_lock = threading.Lock()
 
     def mountpoint(self, digest: str) -> Path:
         return self.root / digest.replace(":", "-")
@@ -173,6 +179,73 @@ class LayerMounts:
             self._adopt(digest)
             if not mount.is_mounted(self.mountpoint(digest)):
                 raise LayerUnavailable(f"layer {digest} is not mounted right now (its process is being restarted)")
+
+    def introduce_image(self, digests: Sequence[str], repository: str = "", manifest_digest: str = "") -> None:
+        """In the background: once an image's layers (``digests``, this
+        Prepare's and the ones being premounted) are mounted, tell them
+        about each other, and, from the image config, which files its
+        containers will open first, so that those are fetched while the
+        pull and the container's creation go on."""
+        threading.Thread(target=self._introduce_image, args=(list(dict.fromkeys(digests)), repository, manifest_digest),
+                         name="crfs-image-start", daemon=True).start()
+
+    def _introduce_image(self, digests: list[str], repository: str, manifest_digest: str) -> None:
+        files: list[str] = []
+        if repository and manifest_digest:
+            try:  # while the layers are being mounted
+                files = self._image_start(repository, manifest_digest).files()
+            except Exception as exc:  # noqa: BLE001 - a guess: the layers work without it
+                log.info("no start command for image %s@%s: %s", repository, manifest_digest, exc)
+        deadline = time.monotonic() + self._premount_wait
+        for digest in digests:
+            self._wait_mounted(digest, deadline)
+        mountpoints = [self.mountpoint(d) for d in digests if self._supervisor.running(d)]
+        if len(mountpoints) > 1:
+            mount.introduce_peers(mountpoints)
+        if files and mountpoints:
+            mount.want_files(mountpoints, files)
+
+    def _wait_mounted(self, digest: str, deadline: float) -> None:
+        """Until ``digest`` is mounted (by its Prepare or a premount), failed, or ``deadline``."""
+        while time.monotonic() < deadline:
+            with self._premount_lock:
+                early = self._premounts.get(digest)
+            if early is not None:
+                early.wait(max(0.0, deadline - time.monotonic()))
+                return
+            if self._supervisor.running(digest):
+                return
+            time.sleep(0.02)
+
+    def _image_start(self, repository: str, manifest_digest: str) -> ImageStart:
+        """Fetched once per image: the Prepare of each of its layers asks."""
+        with self._starts_lock:
+            known = self._starts.get(manifest_digest)
+            mine = known is None
+            if mine:
+                known = self._starts[manifest_digest] = Future()
+                while len(self._starts) > MAX_IMAGE_STARTS:
+                    self._starts.pop(next(iter(self._starts)))
+        assert known is not None
+        if mine:
+            try:
+                known.set_result(fetch_image_start(repository, manifest_digest, self._remote.registry_config))
+            except BaseException as exc:
+                known.set_exception(exc)
+                with self._starts_lock:  # not remembered: the next Prepare tries again
+                    if self._starts.get(manifest_digest) is known:
+                        del self._starts[manifest_digest]
+        return known.result()
+
+    def introduce(self, digests: Sequence[str]) -> None:
+        """Tell the mount processes of layers merged in one overlay about each
+        other (in the background: never delays the mounts it comes with), so
+        that a program starting from one layer has its libraries fetched
+        from the others ahead of its reads."""
+        if len(digests) < 2:
+            return
+        mountpoints = [self.mountpoint(d) for d in dict.fromkeys(digests)]
+        threading.Thread(target=mount.introduce_peers, args=(mountpoints,), name="crfs-peers", daemon=True).start()
 
     def _adopt(self, digest: str) -> None:
         """Mounts a pending layer (no-op for others)."""

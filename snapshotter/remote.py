@@ -56,6 +56,8 @@ class LayerRequest:
     layer: RemoteLayer
     # the image's next layers (TOC digests unknown until their own Prepare)
     upcoming: tuple[RemoteLayer, ...] = ()
+    repository: str = ""  # host/name of the image, which holds its manifest
+    manifest_digest: str = ""  # the image manifest, when the labels name it
 
 
 def _is_digest(text: str) -> bool:
@@ -88,4 +90,5 @@ def layer_request(labels: Mapping[str, str]) -> Optional[LayerRequest]:
         for d in labels.get(IMAGE_LAYERS_LABEL, "").split(",") if _is_digest(d) and d != digest
     )
     hint = prefetch_hint(labels) or ""
-    return LayerRequest(target, HintedLayer(digest, f"{repo}@{digest}", toc, hint), upcoming)
+    return LayerRequest(target, HintedLayer(digest, f"{repo}@{digest}", toc, hint), upcoming,
+                        f"{ref.registry}/{ref.repository}", manifest)

@@ -122,6 +122,7 @@ class Snapshotter:
                 self._layers.ensure(layers)
             except LayerUnavailable as exc:
                 raise Unavailable(str(exc)) from None
+            self._layers.introduce(layers)
         lowers = [self._lower(pid, digest) for pid, digest in zip(record.parent_ids, record.parent_layers)]
         return snapshot_mounts(record.kind == Kind.ACTIVE, d / "fs", d / "work", lowers)
 
@@ -146,6 +147,9 @@ class Snapshotter:
             raise AlreadyExists(f"target snapshot {request.target!r} already exists as {existing!r}")
         assert self._layers is not None
         self._layers.premount(request.upcoming)
+        # the image's start command is read while its layers are mounted
+        self._layers.introduce_image([request.layer.digest, *(u.digest for u in request.upcoming)],
+                                     request.repository, request.manifest_digest)
         try:
             self._layers.acquire(request.layer)
         except LayerUnavailable as exc:

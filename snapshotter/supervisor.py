@@ -191,6 +191,12 @@ class MountSupervisor:
             m = self._mounts.get(layer_digest)
             return m is not None and not m.closing
 
+    def running(self, layer_digest: str) -> bool:
+        """Whether ``layer_digest``'s mount process has mounted it and runs."""
+        with self._lock:
+            m = self._mounts.get(layer_digest)
+            return m is not None and not m.closing and m.state == "running"
+
     def pin_toc_digest(self, layer_digest: str, toc_digest: str) -> None:
         """Record the TOC digest a layer mounted without one turned out to
         have (checked by the caller), so that restarts verify it too."""

@@ -132,6 +132,32 @@ def test_python_runs_after_fetching_a_fraction_of_the_image(pulled: Lazy) -> Non
     print(f"fetched {fetched} of {pulled.esgz_size} compressed bytes ({100 * fetched / pulled.esgz_size:.1f} %)")
     assert fetched < pulled.esgz_size / 5
     assert len(pulled.layer_pids()) == 3
+    # python3's libraries (in the minbase layer) were fetched as soon as the
+    # start of its binary (in the python layer) was read: the snapshotter
+    # introduced the layers of the container's overlay to each other
+    statuses = [mount.status(pulled.crfs.root / "layers" / name) for name in sorted(os.listdir(pulled.crfs.root / "layers"))]
+    assert all(s["peers"] == 2 for s in statuses), [s["peers"] for s in statuses]
+    found = {path for s in statuses for path in s["dependencies"]["found"]}
+    libs = "usr/lib/x86_64-linux-gnu/"
+    assert {f"{libs}libc.so.6", f"{libs}libm.so.6", f"{libs}libz.so.1.2.13", f"{libs}ld-linux-x86-64.so.2", "etc/ld.so.cache"} <= found, found
+    assert sum(s["dependencies"]["wants_received"] for s in statuses) >= 1
+
+
+def test_the_images_command_and_its_libraries_are_fetched_during_the_pull(pulled: Lazy) -> None:
+    """Before any container runs: the config's Cmd (python3 /app/hello.py),
+    found through its PATH in the python layer, then the libraries
+    python3.11 names, in the minbase layer; nothing has read a file yet."""
+    layers = pulled.crfs.root / "layers"
+
+    def found() -> set[str]:
+        return {p for name in os.listdir(layers) for p in mount.status(layers / name).get("dependencies", {}).get("found", [])}
+
+    wanted = {"usr/bin/python3.11", "app/hello.py", "usr/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libexpat.so.1.8.10"}
+    deadline = time.monotonic() + 20
+    while not wanted <= found() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert wanted <= found(), found()
+    assert all(mount.status(layers / name)["reads"] == 0 for name in os.listdir(layers))
 
 
 def test_plain_gzip_layers_fall_back_to_a_download(lazy: Lazy) -> None:

@@ -1,0 +1,97 @@
+"""The files a container of an image opens first, from the image config.
+
+A container usually runs its image's ``Entrypoint`` + ``Cmd``: the program
+is found through the config's ``PATH`` (as runc's exec does), and
+arguments that are paths (``python3 /app/main.py``) are read next. Told
+these paths when the image's layers are mounted, the layer mount
+processes fetch them, and the shared libraries and interpreters they name,
+while the pull and the container's creation are still going on (see
+``lazyfs.dependencies``). A guess: a container started with another
+command only costs the bytes fetched for it.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_ARGS = 16  # arguments looked at for paths
+MAX_FILES = 64
+
+
+@dataclass(frozen=True)
+class ImageStart:
+    """What the image config says a container runs, and where."""
+
+    argv: tuple[str, ...]
+    path: str = DEFAULT_PATH  # the PATH variable of the config's Env
+    working_dir: str = "/"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ImageStart:
+        """From an OCI image config document; missing parts are empty."""
+        run = config.get("config") or {}
+        if not isinstance(run, Mapping):
+            run = {}
+        argv = [a for a in (_strings(run.get("Entrypoint")) + _strings(run.get("Cmd")))]
+        path = next((e[len("PATH="):] for e in _strings(run.get("Env")) if e.startswith("PATH=")), DEFAULT_PATH)
+        working_dir = run.get("WorkingDir") if isinstance(run.get("WorkingDir"), str) and run.get("WorkingDir") else "/"
+        return cls(tuple(argv), path, working_dir if working_dir.startswith("/") else "/" + working_dir)
+
+    @classmethod
+    def from_config_bytes(cls, raw: bytes) -> ImageStart:
+        """From the config blob; raises ValueError when it is not JSON."""
+        data = json.loads(raw)
+        if not isinstance(data, Mapping):
+            raise ValueError("the image config is not a JSON object")
+        return cls.from_config(data)
+
+    def files(self) -> list[str]:
+        """Absolute paths of the program (each place PATH offers) and of the
+        arguments that name files; nearest guesses first."""
+        if not self.argv:
+            return []
+        files: list[str] = []
+        program = self.argv[0]
+        if "/" in program:
+            files.append(self._absolute(program))
+        else:
+            files += [posixpath.join(d, program) for d in self.path.split(":") if d.startswith("/")]
+        for arg in self.argv[1:MAX_ARGS]:
+            if arg.startswith("/") or (("/" in arg or "." in arg) and not arg.startswith("-") and "=" not in arg):
+                files.append(self._absolute(arg))
+        return list(dict.fromkeys(f for f in files if len(f) < 4096 and "\0" not in f))[:MAX_FILES]
+
+    def _absolute(self, path: str) -> str:
+        return posixpath.normpath(posixpath.join(self.working_dir, path))
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def fetch_image_start(repository: str, manifest_digest: str, registry_config: str | None = None) -> ImageStart:
+    """The start of the image whose manifest is ``manifest_digest`` in
+    ``repository`` (``host/name``); both documents verified by digest.
+    Raises the registry client's errors, or ValueError for a bad config."""
+    from lazyfs.registry.client import RegistryClient  # noqa: PLC0415 - only the serving process needs it
+    from lazyfs.registry.config import RegistryConfig  # noqa: PLC0415
+
+    config = RegistryConfig()
+    if registry_config:
+        with open(registry_config, encoding="utf-8") as f:
+            config = RegistryConfig.from_dict(json.load(f), registry_config)
+    with RegistryClient(config) as client:
+        repo = client.repository(repository)
+        manifest = repo.get_manifest(manifest_digest)
+        if manifest.is_index:
+            raise ValueError(f"{manifest_digest} is an index, not an image manifest")
+        descriptor = manifest.config
+        return ImageStart.from_config_bytes(repo.get_blob(descriptor.digest, descriptor.size))
+
+
+__all__ = ["DEFAULT_PATH", "ImageStart", "fetch_image_start"]

@@ -1,0 +1,39 @@
+"""``snapshotter.image_start``: which files a container of an image opens
+first, from its config (no registry: the documents are given)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from snapshotter.image_start import DEFAULT_PATH, ImageStart
+
+
+def test_the_program_is_looked_up_in_the_configs_path_and_path_arguments_follow() -> None:
+    start = ImageStart.from_config({"config": {
+        "Entrypoint": ["python3"], "Cmd": ["/app/hello.py", "-u", "--opt=x", "data/in.csv"],
+        "Env": ["LANG=C.UTF-8", "PATH=/opt/bin:/usr/bin:relative"], "WorkingDir": "/srv",
+    }})
+    assert start.argv == ("python3", "/app/hello.py", "-u", "--opt=x", "data/in.csv")
+    assert start.files() == ["/opt/bin/python3", "/usr/bin/python3", "/app/hello.py", "/srv/data/in.csv"]
+
+
+def test_a_program_with_a_slash_is_taken_from_the_working_dir() -> None:
+    start = ImageStart.from_config({"config": {"Cmd": ["./run.sh"], "WorkingDir": "app"}})
+    assert start.working_dir == "/app"
+    assert start.files() == ["/app/run.sh"]
+    assert ImageStart.from_config({"config": {"Cmd": ["../../../etc/x"]}}).files() == ["/etc/x"]
+
+
+def test_defaults_and_junk() -> None:
+    start = ImageStart.from_config({"config": {"Cmd": ["sh", 5, None], "Env": "PATH=/nope"}})
+    assert start.path == DEFAULT_PATH and start.argv == ("sh",)
+    assert start.files()[:2] == ["/usr/local/sbin/sh", "/usr/local/bin/sh"]
+    assert ImageStart.from_config({}).files() == []
+    assert ImageStart.from_config({"config": "nonsense"}).files() == []
+    assert ImageStart.from_config_bytes(json.dumps({"config": {"Cmd": ["/bin/true"]}}).encode()).files() == ["/bin/true"]
+    with pytest.raises(ValueError):
+        ImageStart.from_config_bytes(b"[1, 2]")
+    with pytest.raises(ValueError):
+        ImageStart.from_config_bytes(b"not json")
