@@ -121,20 +121,30 @@ async def _until_signal() -> None:
 
 class Peers:
     """The control sockets of the layers merged with this one (the
-    snapshotter names them), and telling them what is wanted."""
+    snapshotter names them), and telling them what is wanted. What was
+    asked before a peer was known is passed on to it when it is."""
+
+    REMEMBERED = 32  # requests kept for peers named later
 
     def __init__(self, own: str | None) -> None:
         self.own = own
         self.controls: list[str] = []
+        self._told: list[Wants] = []
 
     def add(self, controls: list[str]) -> None:
-        """A layer may be in several overlays: the union, newest last, bounded."""
+        """A layer may be in several overlays: the union, newest last, bounded.
+        Trio thread only."""
+        new = [c for c in dict.fromkeys(controls) if c != self.own and c not in self.controls]
         merged = dict.fromkeys(c for c in self.controls if c not in controls)
         merged.update(dict.fromkeys(c for c in controls if c != self.own))
         self.controls = list(merged)[-control_protocol.MAX_PEERS :]
+        for path in new:
+            for wants in self._told:
+                trio.lowlevel.spawn_system_task(self._send, path, wants, name="lazyfs-tell-peer")
 
     def tell(self, wants: Wants) -> None:
         """Sends ``wants`` to every peer, in a worker thread (trio thread only)."""
+        self._told = [*self._told, wants][-self.REMEMBERED :]
         for path in self.controls:
             trio.lowlevel.spawn_system_task(self._send, path, wants, name="lazyfs-tell-peer")
 

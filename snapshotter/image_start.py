@@ -8,6 +8,11 @@ processes fetch them, and the shared libraries and interpreters they name,
 while the pull and the container's creation are still going on (see
 ``lazyfs.dependencies``). A guess: a container started with another
 command only costs the bytes fetched for it.
+
+Beside the program, the C library's own start-up reads (glibc, which
+nearly every image's programs use): the locale the config's environment
+names (``setlocale(LC_CTYPE, "")``: the locale archive or the locale's
+``LC_CTYPE``) and the local time zone (``/etc/localtime``, or ``TZ``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LOCALE_DIR = "/usr/lib/locale"
+ZONEINFO_DIR = "/usr/share/zoneinfo"
 MAX_ARGS = 16  # arguments looked at for paths
 MAX_FILES = 64
 
@@ -30,6 +37,8 @@ class ImageStart:
     argv: tuple[str, ...]
     path: str = DEFAULT_PATH  # the PATH variable of the config's Env
     working_dir: str = "/"
+    locale: str = ""  # LC_ALL, else LC_CTYPE, else LANG
+    timezone: str = ""  # TZ
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ImageStart:
@@ -38,9 +47,11 @@ class ImageStart:
         if not isinstance(run, Mapping):
             run = {}
         argv = [a for a in (_strings(run.get("Entrypoint")) + _strings(run.get("Cmd")))]
-        path = next((e[len("PATH="):] for e in _strings(run.get("Env")) if e.startswith("PATH=")), DEFAULT_PATH)
+        env = dict(e.split("=", 1) for e in _strings(run.get("Env")) if "=" in e)
         working_dir = run.get("WorkingDir") if isinstance(run.get("WorkingDir"), str) and run.get("WorkingDir") else "/"
-        return cls(tuple(argv), path, working_dir if working_dir.startswith("/") else "/" + working_dir)
+        locale = env.get("LC_ALL") or env.get("LC_CTYPE") or env.get("LANG") or ""
+        return cls(tuple(argv), env.get("PATH", DEFAULT_PATH), working_dir if working_dir.startswith("/") else "/" + working_dir,
+                   locale, env.get("TZ", ""))
 
     @classmethod
     def from_config_bytes(cls, raw: bytes) -> ImageStart:
@@ -64,10 +75,36 @@ class ImageStart:
         for arg in self.argv[1:MAX_ARGS]:
             if arg.startswith("/") or (("/" in arg or "." in arg) and not arg.startswith("-") and "=" not in arg):
                 files.append(self._absolute(arg))
+        files += self.c_library_files()
         return list(dict.fromkeys(f for f in files if len(f) < 4096 and "\0" not in f))[:MAX_FILES]
+
+    def c_library_files(self) -> list[str]:
+        """What glibc reads as such a program starts, for this environment."""
+        files = []
+        if self.locale and self.locale not in ("C", "POSIX") and "/" not in self.locale and ".." not in self.locale:
+            files.append(f"{LOCALE_DIR}/locale-archive")
+            files += [f"{LOCALE_DIR}/{name}/LC_CTYPE" for name in dict.fromkeys([_normalized_locale(self.locale), self.locale])]
+        zone = self.timezone.removeprefix(":")
+        if not zone:
+            files.append("/etc/localtime")
+        elif zone.startswith("/"):
+            files.append(posixpath.normpath(zone))
+        elif ".." not in zone:
+            files.append(posixpath.join(ZONEINFO_DIR, zone))
+        return files
 
     def _absolute(self, path: str) -> str:
         return posixpath.normpath(posixpath.join(self.working_dir, path))
+
+
+def _normalized_locale(name: str) -> str:
+    """glibc's directory name for a locale: the codeset lower-cased without
+    punctuation (``C.UTF-8`` -> ``C.utf8``, ``en_US.UTF-8@euro`` -> ``en_US.utf8@euro``)."""
+    base, at, modifier = name.partition("@")
+    language, dot, codeset = base.partition(".")
+    if dot:
+        codeset = "".join(ch for ch in codeset.lower() if ch.isalnum())
+    return f"{language}{dot}{codeset}{at}{modifier}"
 
 
 def _strings(value: Any) -> list[str]:

@@ -180,6 +180,20 @@ class LayerMounts:
             if not mount.is_mounted(self.mountpoint(digest)):
                 raise LayerUnavailable(f"layer {digest} is not mounted right now (its process is being restarted)")
 
+    def read_image_start(self, repository: str, manifest_digest: str) -> None:
+        """Start reading an image's config in the background (once per
+        image), for ``introduce_image`` to find."""
+        if repository and manifest_digest:
+            threading.Thread(target=self._try_image_start, args=(repository, manifest_digest),
+                             name="crfs-image-config", daemon=True).start()
+
+    def _try_image_start(self, repository: str, manifest_digest: str) -> ImageStart | None:
+        try:
+            return self._image_start(repository, manifest_digest)
+        except Exception as exc:  # noqa: BLE001 - a guess: the layers work without it
+            log.info("no start command for image %s@%s: %s", repository, manifest_digest, exc)
+            return None
+
     def introduce_image(self, digests: Sequence[str], repository: str = "", manifest_digest: str = "") -> None:
         """In the background: once an image's layers (``digests``, this
         Prepare's and the ones being premounted) are mounted, tell them
@@ -190,32 +204,32 @@ class LayerMounts:
                          name="crfs-image-start", daemon=True).start()
 
     def _introduce_image(self, digests: list[str], repository: str, manifest_digest: str) -> None:
-        files: list[str] = []
-        if repository and manifest_digest:
-            try:  # while the layers are being mounted
-                files = self._image_start(repository, manifest_digest).files()
-            except Exception as exc:  # noqa: BLE001 - a guess: the layers work without it
-                log.info("no start command for image %s@%s: %s", repository, manifest_digest, exc)
+        start = self._try_image_start(repository, manifest_digest) if repository and manifest_digest else None
+        files = start.files() if start is not None else []
+        # each layer is told as soon as it runs (the first to mount starts
+        # fetching while the others still read their TOCs); then all of
+        # them are introduced to each other (a layer passes on what it was
+        # asked for before it knew its peers)
         deadline = time.monotonic() + self._premount_wait
-        for digest in digests:
-            self._wait_mounted(digest, deadline)
+        waiting = list(digests)
+        while waiting and time.monotonic() < deadline:
+            for digest in [d for d in waiting if self._settled(d)]:
+                waiting.remove(digest)
+                if files and self._supervisor.running(digest):
+                    mount.want_files([self.mountpoint(digest)], files)
+            if waiting:
+                time.sleep(0.01)
         mountpoints = [self.mountpoint(d) for d in digests if self._supervisor.running(d)]
         if len(mountpoints) > 1:
             mount.introduce_peers(mountpoints)
-        if files and mountpoints:
-            mount.want_files(mountpoints, files)
 
-    def _wait_mounted(self, digest: str, deadline: float) -> None:
-        """Until ``digest`` is mounted (by its Prepare or a premount), failed, or ``deadline``."""
-        while time.monotonic() < deadline:
-            with self._premount_lock:
-                early = self._premounts.get(digest)
-            if early is not None:
-                early.wait(max(0.0, deadline - time.monotonic()))
-                return
-            if self._supervisor.running(digest):
-                return
-            time.sleep(0.02)
+    def _settled(self, digest: str) -> bool:
+        """Whether ``digest`` runs, or has failed to (no premount in progress, not held)."""
+        if self._supervisor.running(digest):
+            return True
+        with self._premount_lock:
+            premounting = digest in self._premounts and not self._premounts[digest].is_set()
+        return not premounting and not self._supervisor.holds(digest)
 
     def _image_start(self, repository: str, manifest_digest: str) -> ImageStart:
         """Fetched once per image: the Prepare of each of its layers asks."""

@@ -148,13 +148,14 @@ class Snapshotter:
         assert self._layers is not None
         self._layers.premount(request.upcoming)
         # the image's start command is read while its layers are mounted
-        self._layers.introduce_image([request.layer.digest, *(u.digest for u in request.upcoming)],
-                                     request.repository, request.manifest_digest)
+        self._layers.read_image_start(request.repository, request.manifest_digest)
         try:
             self._layers.acquire(request.layer)
         except LayerUnavailable as exc:
             log.info("layer %s is not mounted lazily, preparing %r for download: %s", request.layer.digest, key, exc)
             return
+        self._layers.introduce_image([request.layer.digest, *(u.digest for u in request.upcoming)],
+                                     request.repository, request.manifest_digest)
         try:
             with self._store.transaction(write=True) as tx:
                 existing = tx.remote_target(request.target, parent)

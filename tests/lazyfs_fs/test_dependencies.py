@@ -185,3 +185,39 @@ def test_a_scripts_interpreter_is_wanted() -> None:
     env = script_wants(b"#!/usr/bin/env -S python3 -u\n")
     assert env.paths[0] == "/usr/bin/env" and "/usr/bin/python3" in env.paths
     assert not script_wants(b"#!relative/sh\n") and not script_wants(b"#!" + b"x" * 400)
+
+
+def test_what_was_asked_before_the_peers_were_known_reaches_them_when_they_are(tmp_path: Path) -> None:
+    """Two layers mounted on their own (as premounts are): ls's first bytes
+    are read before anyone introduced the layers; the libraries' request
+    waits in the upper layer and goes to the lower one once it is named."""
+    import hashlib
+
+    lower_blob, upper_blob = _system_layers(tmp_path)
+    with Registry(tmp_path / "registry") as registry, RegistryClient() as client:
+        repo = client.repository(f"{registry.host}/lazy/ls")
+        dirs, pids = [], []
+        try:
+            for name, blob in (("lower", lower_blob), ("upper", upper_blob)):
+                data = blob.read_bytes()
+                digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                repo.push_blob(data, digest)
+                with FileSource(blob) as source:
+                    toc = StargzReader.open(source).toc.digest
+                mnt = tmp_path / name
+                mnt.mkdir()
+                remote = RemoteOptions(cache_dir=str(tmp_path / "cache"), background_fetch=False)
+                pids.append(mount.start(f"registry://{registry.host}/lazy/ls@{digest}", mnt, toc_digest=toc, remote=remote))
+                dirs.append(mnt)
+            lower, upper = dirs
+            with open(upper / "usr/bin/ls", "rb") as f:
+                f.read(4096)
+            assert _wait_for(lambda: mount.status(upper)["dependencies"]["wants_sent"] >= 1)
+            assert mount.status(lower)["dependencies"]["wants_received"] == 0
+            assert mount.introduce_peers(dirs) == 2
+            assert _wait_for(lambda: mount.status(lower)["dependencies"]["files_prefetched"] >= 5), mount.status(lower)
+            assert mount.status(lower)["reads"] == 0
+        finally:
+            for mnt, pid in zip(dirs, pids):
+                force_unmount(mnt)
+                kill(pid)
