@@ -85,6 +85,9 @@ class OpenedLayer:
     source: str
     closers: list[Callable[[], None]] = field(default_factory=list)
     status: Callable[[], dict[str, Any]] | None = None  # the store's own counters
+    # a prefetch hint (an access profile) says what to fetch: no guessing
+    # what programs will load (lazyfs.dependencies) on top of it
+    hinted: bool = False
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -267,4 +270,5 @@ def _open_remote(
             with contextlib.suppress(Exception):
                 close()
         raise
-    return OpenedLayer(remote.reader.toc, remote.store, source, closers, status=remote.status)
+    return OpenedLayer(remote.reader.toc, remote.store, source, closers, status=remote.status,
+                       hinted=hint is not None or bool(ranges))

@@ -44,7 +44,7 @@ def serve(
     no_open = None if os.environ.get("CRFS_LAZYFS_NO_OPEN", "") != "0" else False
     fs = LayerFS(layer.toc, layer.store, opaque_xattrs=opaque_xattrs, no_open=no_open, record_access=record_access)
     peers = Peers(control)
-    if layer.is_remote and os.environ.get("CRFS_LAZYFS_DEPENDENCIES", "") != "0":
+    if layer.is_remote and not layer.hinted and os.environ.get("CRFS_LAZYFS_DEPENDENCIES", "") != "0":
         fs.dependencies = DependencyPrefetcher(fs.tree, fs.memo, tell_peers=peers.tell)
     trim_heap()
     fs.mountpoint = mountpoint  # its init raises the kernel's read-ahead for the mount
@@ -68,6 +68,7 @@ def serve(
                 **asdict(fs.memo.stats),
                 "store": layer.store_stats(),
                 "peers": len(peers.controls),
+                "hinted": layer.hinted,
                 **({"dependencies": fs.dependencies.status()} if fs.dependencies is not None else {}),
                 **({"accessed": list(fs.accessed),  # paths, in first-read order
                     # and the byte ranges of each read: {path: [[offset, length], ...]}

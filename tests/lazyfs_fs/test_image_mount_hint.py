@@ -51,6 +51,9 @@ def test_layer_annotations_become_prefetch_hints(tmp_path: Path) -> None:
             lower_status = mount.status(layers[0])["store"]
             assert lower_status["hint"]["ranges"] == 1, lower_status
             assert "hint" not in mount.status(layers[1])["store"]
+            # the hint is the profile: the hinted layer does not guess what programs load
+            assert mount.status(layers[0])["hinted"] and "dependencies" not in mount.status(layers[0])
+            assert not mount.status(layers[1])["hinted"] and "dependencies" in mount.status(layers[1])
             for _ in range(100):
                 if mount.status(layers[0])["store"]["hint"]["state"] == "done":
                     break
