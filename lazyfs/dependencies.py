@@ -21,7 +21,7 @@ import logging
 import os
 import posixpath
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -131,17 +131,17 @@ class DependencyPrefetcher:
             return
         if looks_like_elf(head):
             self._examined.add(node.ino)
-            trio.lowlevel.spawn_system_task(self._examine, node, name="lazyfs-elf")
+            self._spawn(self._examine, node)
         elif head.startswith(b"#!"):
             self._examined.add(node.ino)
             wants = script_wants(head)
             if wants:
-                trio.lowlevel.spawn_system_task(self._fetch_wanted, wants, True, name="lazyfs-wants")
+                self._spawn(self._fetch_wanted, wants, True)
 
     def want(self, wants: Wants) -> None:
         """A peer's request: fetch what this layer has of it (not passed on)."""
         self.stats.wants_received += 1
-        trio.lowlevel.spawn_system_task(self._fetch_wanted, wants, False, name="lazyfs-wants")
+        self._spawn(self._fetch_wanted, wants, False)
 
     def status(self) -> dict[str, Any]:
         return asdict(self.stats)
@@ -155,7 +155,7 @@ class DependencyPrefetcher:
         def early(guess: ElfDependencies) -> None:  # fetched while the rest of the headers come
             wants = _wants_of(guess, path)
             if wants:
-                trio.lowlevel.spawn_system_task(self._fetch_wanted, wants, True, name="lazyfs-wants")
+                self._spawn(self._fetch_wanted, wants, True)
 
         try:
             deps = await read_dependencies(self._reader(entry), entry.size, early=early)
@@ -213,7 +213,7 @@ class DependencyPrefetcher:
         if not await self._load(firsts, len(fresh)):
             return
         if rest:
-            trio.lowlevel.spawn_system_task(self._load, rest, 0, name="lazyfs-wants-rest")
+            self._spawn(self._load, rest, 0)
         for node in fresh:  # a library's own dependencies (its first chunk is held now)
             head = await self._head(node.entry)
             if head is not None:
@@ -290,6 +290,18 @@ class DependencyPrefetcher:
             return await self._reader(entry)(0, HEAD_BYTES)
         except Exception:  # noqa: BLE001 - evicted and failing to fetch: skip it
             return None
+
+    def _spawn(self, work: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``work`` in the background; whatever it raises is counted
+        (an exception in a system task would end the whole mount)."""
+
+        async def guarded() -> None:
+            try:
+                await work(*args)
+            except Exception as exc:  # noqa: BLE001 - a hint must never take the mount down
+                self._failed(f"{getattr(work, '__name__', work)}: {exc!r}")
+
+        trio.lowlevel.spawn_system_task(guarded, name="lazyfs-dependencies")
 
     def _failed(self, what: str) -> None:
         self.stats.errors += 1
