@@ -13,8 +13,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazyfs import mount
+
+if TYPE_CHECKING:
+    from lazyfs.image_mount import ImageRecord
+    from lazyfs.layer_source import RemoteOptions
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,6 +64,27 @@ def mounted(blob: Path, mountpoint: Path, *, toc_digest: str | None = None) -> I
     finally:
         force_unmount(mountpoint)
         kill(pid)
+
+
+@contextlib.contextmanager
+def mounted_image(reference: str, merged: Path, remote: "RemoteOptions") -> Iterator["ImageRecord"]:
+    """``crfs mount docker://…`` at ``merged``, undone after (by force if
+    ``crfs umount`` fails: every layer mount and process)."""
+    from lazyfs import image_mount  # noqa: PLC0415
+
+    merged.mkdir(parents=True, exist_ok=True)
+    record = image_mount.mount_image(reference, merged, remote=remote)
+    try:
+        yield record
+    finally:
+        try:
+            image_mount.unmount_image(merged)
+        except Exception:
+            force_unmount(merged)
+            for layer_dir, pid in zip(record.layers, record.pids):
+                force_unmount(Path(layer_dir))
+                kill(pid)
+            raise
 
 
 def extract_tar(tar: Path, dest: Path) -> Path:

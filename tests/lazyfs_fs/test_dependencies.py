@@ -34,7 +34,7 @@ from lazyfs.stargz.writer import build
 from lazyfs.tree import LayerTree
 from stargz.helpers import _add
 
-from .helpers import force_unmount, kill
+from .helpers import force_unmount, kill, mounted_image
 
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 HOST_LIBS = ["ld-linux-x86-64.so.2", "libc.so.6", "libselinux.so.1", "libpcre2-8.so.0.11.2"]
@@ -87,12 +87,10 @@ def _wait_for(predicate, timeout: float = 15.0) -> bool:
 
 def test_a_programs_libraries_are_fetched_from_the_other_layer_before_it_reads_them(tmp_path: Path) -> None:
     merged = tmp_path / "rootfs"
-    merged.mkdir()
     with Registry(tmp_path / "registry") as registry:
         ref = _push(registry.host, list(_system_layers(tmp_path)))
         remote = RemoteOptions(cache_dir=str(tmp_path / "cache"), background_fetch=False)
-        record = image_mount.mount_image(ref, merged, remote=remote)
-        try:
+        with mounted_image(ref, merged, remote) as record:
             lower, upper = (Path(d) for d in record.layers)
             assert mount.status(lower)["peers"] == 1 and mount.status(upper)["peers"] == 1
             with open(merged / "usr/bin/ls", "rb") as f:
@@ -119,24 +117,13 @@ def test_a_programs_libraries_are_fetched_from_the_other_layer_before_it_reads_t
             after = mount.status(lower)
             assert after["reads"] > 0
             assert after["store"]["fetch"]["chunks_fetched"] == fetched, after["store"]["fetch"]
-        finally:
-            try:
-                image_mount.unmount_image(merged)
-            except Exception:  # noqa: BLE001 - clean up whatever is left
-                force_unmount(merged)
-                for d, pid in zip(record.layers, record.pids):
-                    force_unmount(Path(d))
-                    kill(pid)
-                raise
 
 
 def test_peer_requests_are_checked(tmp_path: Path) -> None:
     merged = tmp_path / "rootfs"
-    merged.mkdir()
     with Registry(tmp_path / "registry") as registry:
         ref = _push(registry.host, list(_system_layers(tmp_path)))
-        record = image_mount.mount_image(ref, merged, remote=RemoteOptions(cache_dir=str(tmp_path / "cache"), background_fetch=False))
-        try:
+        with mounted_image(ref, merged, RemoteOptions(cache_dir=str(tmp_path / "cache"), background_fetch=False)) as record:
             sock = mount.control_path(record.layers[0])
             for bad in ({"op": "want", "wants": {"paths": "/etc"}}, {"op": "want", "wants": {"libraries": [1]}},
                         {"op": "peers", "controls": ["relative"]}, {"op": "nonsense"}):
@@ -148,8 +135,6 @@ def test_peer_requests_are_checked(tmp_path: Path) -> None:
                 f.read(4096)
             assert _wait_for(lambda: mount.status(record.layers[1])["dependencies"]["wants_sent"] >= 1)
             assert mount.status(record.layers[1])["reads"] >= 1
-        finally:
-            image_mount.unmount_image(merged)
 
 
 def test_lookup_stays_inside_the_layer(tmp_path: Path) -> None:

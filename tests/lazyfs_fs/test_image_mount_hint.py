@@ -16,7 +16,7 @@ from lazyfs.registry import RegistryClient
 from lazyfs.stargz.reader import StargzReader
 from lazyfs.stargz.source import FileSource
 
-from .helpers import force_unmount, kill
+from .helpers import mounted_image
 from .test_overlay import two_layers
 
 
@@ -39,14 +39,12 @@ def _push(host: str, layers: list[tuple[Path, dict[str, str]]]) -> tuple[str, li
 def test_layer_annotations_become_prefetch_hints(tmp_path: Path) -> None:
     lower, upper = two_layers(tmp_path)
     merged = tmp_path / "rootfs"
-    merged.mkdir()
     with Registry(tmp_path / "registry") as registry:
         ref, counts = _push(registry.host, [
             (lower, {STARGZ_PREFETCH_LABEL: "TOC"}),  # every chunk (all bytes before the TOC)
             (upper, {PREFETCH_RANGES_LABEL: "5:1,0:1"}),  # malformed: ignored
         ])
-        record = image_mount.mount_image(ref, merged, remote=RemoteOptions(cache_dir=str(tmp_path / "cache")))
-        try:
+        with mounted_image(ref, merged, RemoteOptions(cache_dir=str(tmp_path / "cache"))) as record:
             layers = [Path(d) for d in record.layers]
             lower_status = mount.status(layers[0])["store"]
             assert lower_status["hint"]["ranges"] == 1, lower_status
@@ -60,12 +58,3 @@ def test_layer_annotations_become_prefetch_hints(tmp_path: Path) -> None:
                 time.sleep(0.05)
             assert mount.status(layers[0])["store"]["hint"]["chunks_taken"] == counts[0]
             assert (merged / "b").read_bytes() == b"kept"
-        finally:
-            try:
-                image_mount.unmount_image(merged)
-            except Exception:  # noqa: BLE001 - clean up whatever is left
-                force_unmount(merged)
-                for d, pid in zip(record.layers, record.pids):
-                    force_unmount(Path(d))
-                    kill(pid)
-                raise
