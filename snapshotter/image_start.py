@@ -28,6 +28,9 @@ LOCALE_DIR = "/usr/lib/locale"
 ZONEINFO_DIR = "/usr/share/zoneinfo"
 MAX_ARGS = 16  # arguments looked at for paths
 MAX_FILES = 64
+MAX_SCRIPT_WORDS = 64
+SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh"})
+SHELL_SEPARATORS = frozenset({"&&", "||", ";", "|"})
 
 
 @dataclass(frozen=True)
@@ -63,20 +66,30 @@ class ImageStart:
 
     def files(self) -> list[str]:
         """Absolute paths of the program (each place PATH offers) and of the
-        arguments that name files; nearest guesses first."""
+        arguments that name files; nearest guesses first. For ``sh -c
+        SCRIPT`` (a Dockerfile's shell-form CMD), the script's commands too."""
         if not self.argv:
             return []
-        files: list[str] = []
-        program = self.argv[0]
-        if "/" in program:
-            files.append(self._absolute(program))
-        else:
-            files += [posixpath.join(d, program) for d in self.path.split(":") if d.startswith("/")]
-        for arg in self.argv[1:MAX_ARGS]:
-            if arg.startswith("/") or (("/" in arg or "." in arg) and not arg.startswith("-") and "=" not in arg):
-                files.append(self._absolute(arg))
+        files = self._program(self.argv[0]) + self._path_arguments(self.argv[1:MAX_ARGS])
+        if posixpath.basename(self.argv[0]) in SHELLS and len(self.argv) >= 3 and self.argv[1] == "-c":
+            words = self.argv[2].split()[:MAX_SCRIPT_WORDS]
+            for i, word in enumerate(words):
+                if i == 0 or words[i - 1] in SHELL_SEPARATORS or words[i - 1] == "exec":
+                    if word not in SHELL_SEPARATORS and word != "exec" and "=" not in word:
+                        files += self._program(word)
+                elif word.startswith("/"):
+                    files += self._path_arguments([word])
         files += self.c_library_files()
         return list(dict.fromkeys(f for f in files if len(f) < 4096 and "\0" not in f))[:MAX_FILES]
+
+    def _program(self, name: str) -> list[str]:
+        if "/" in name:
+            return [self._absolute(name)]
+        return [posixpath.join(d, name) for d in self.path.split(":") if d.startswith("/")]
+
+    def _path_arguments(self, args: list[str]) -> list[str]:
+        return [self._absolute(a) for a in args
+                if a.startswith("/") or (("/" in a or "." in a) and not a.startswith("-") and "=" not in a and " " not in a)]
 
     def c_library_files(self) -> list[str]:
         """What glibc reads as such a program starts, for this environment."""

@@ -43,6 +43,12 @@ def test_the_c_librarys_files_follow_the_environment() -> None:
     assert files("TZ=/etc/tz") == ["/etc/tz"]
 
 
+def test_a_shell_form_command_names_the_programs_of_its_script() -> None:
+    start = ImageStart.from_config({"config": {
+        "Cmd": ["/bin/sh", "-c", "gcc -o /tmp/hello /app/hello.c && exec /tmp/hello"], "Env": ["PATH=/usr/bin:/bin"]}})
+    assert start.files() == ["/bin/sh", "/usr/bin/gcc", "/bin/gcc", "/tmp/hello", "/app/hello.c", "/etc/localtime"]
+
+
 def test_defaults_and_junk() -> None:
     start = ImageStart.from_config({"config": {"Cmd": ["sh", 5, None], "Env": "PATH=/nope"}})
     assert start.path == DEFAULT_PATH and start.argv == ("sh",)
