@@ -22,6 +22,8 @@ ratios lazyfs/plain. Every mount, process and the registry are stopped at
 the end, also on Ctrl-C, SIGTERM or an exception.
 
     sudo python3 bench/lazyfs_bench.py [--quick] [--reps N] [--big-mib 256]
+    sudo python3 bench/lazyfs_bench.py --only rss --reps 3   # memory rows only
+    sudo python3 bench/lazyfs_bench.py --only coldcache --reps 5   # cold-from-cache sequential read only
 """
 
 from __future__ import annotations
@@ -260,14 +262,135 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), "python3.11 (imports)": py311}
 
 
-def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextlib.ExitStack) -> None:
-    res = Results()
-    info: dict[str, object] = {}
+def start_fork_server(work: Path, stack: contextlib.ExitStack) -> ForkServer:
     os.environ["CRFS_LAZYFS_STATE"] = str(work / "state")
     (work / "state").mkdir(exist_ok=True)
     fork_server = ForkServer(work / "state" / "forkserver.sock")
     fork_server.start()
     stack.callback(fork_server.stop)
+    return fork_server
+
+
+def bench_rss(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextlib.ExitStack) -> None:
+    """``--only rss``: the tree layer's memory rows alone (direct and forked
+    mount after the find + lstat storm), without the timing rows, so that a
+    change to the per-entry memory can be measured in a minute."""
+    res = Results()
+    fork_server = start_fork_server(work, stack)
+    log("building the tree layer ...")
+    tree_tar = work / "tree.tar"
+    entries = make_tar(TREE_DIRS, tree_tar)
+    tree_blob = build(tree_tar, work / "tree.esgz", level=6)
+    extract(tree_tar, work / "plain-tree")
+    tree_tar.unlink()
+    registry = stack.enter_context(Registry(work / "registry"))
+    with RegistryClient(RegistryConfig(docker_config=Path("/nonexistent/config.json"))) as client, open(work / "tree.esgz", "rb") as f:
+        client.repository(f"{registry.host}/bench/tree").push_blob(f, tree_blob.digest)
+    (work / "tree.esgz").unlink()
+    tree_src = f"registry://{registry.host}/bench/tree@{tree_blob.digest}"
+    rels = subprocess.run(["find", ".", "-mindepth", "1"], cwd=work / "plain-tree", capture_output=True, text=True, check=True).stdout.split("\n")
+    rels = [r[2:] for r in rels if r]
+    mp = work / "mnt"
+    for rep in range(args.reps):
+        log(f"repetition {rep + 1}/{args.reps}")
+        for forked in (False, True):
+            drop_caches()
+            with mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / f"cache-{rep}-{forked}", fork_server if forked else None) as (pid, _):
+                res.add("rss_forked_mounted_kib" if forked else "rss_tree_mounted_kib", proc_status(pid)["VmRSS"])
+                for _ in range(1 if forked else 2):  # as the full run: cold + warm direct, once forked
+                    run_find(mp)
+                    lstat_all(mp, rels)
+                st = proc_status(pid)
+                prefix = "forked_" if forked else ""
+                res.add(f"rss_{prefix}after_storm_kib", st["VmRSS"])
+                res.add(f"hwm_{prefix}after_storm_kib", st["VmHWM"])
+                if "Pss" in st:
+                    res.add(f"pss_{prefix}after_storm_kib", st["Pss"])
+                    res.add(f"private_{prefix}after_storm_kib", st["Private"])
+            shutil.rmtree(work / f"cache-{rep}-{forked}", ignore_errors=True)
+    print(f"    - command: {' '.join([sys.executable, *sys.argv])}")
+    print(f"    - tree layer: {len(rels)} paths ({entries} tar entries), {args.reps} repetitions; median (min-max)")
+    print("")
+    print("| measurement | MiB |")
+    print("|---|---|")
+    for key in sorted(res.data):
+        v = res.data[key]
+        print(f"| {key.removesuffix('_kib')} | {res.med(key) / 1024:.1f} ({min(v) / 1024:.1f}-{max(v) / 1024:.1f}) |")
+
+
+def bench_coldcache(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextlib.ExitStack) -> None:
+    """``--only coldcache``: the sequential read of the big file cold from the
+    local chunk cache (``seq_coldcache_lazy``) against the plain directory
+    cold (``seq_cold_plain``), nothing else. The cache is filled once (one
+    read from the registry); every repetition then drops the page cache and
+    reads the plain file, and drops it again, mounts the layer anew on the
+    same cache and reads it (order flips each repetition), as the full run does."""
+    res = Results()
+    log(f"building the {args.big_mib} MiB random-file layer ...")
+    big_src = work / "plain-big" / BIG_NAME
+    big_src.parent.mkdir(parents=True)
+    rng = random.Random(42)
+    with open(big_src, "wb") as f:
+        for _ in range(args.big_mib):
+            f.write(rng.randbytes(MIB))
+    big_tar = work / "big.tar"
+    with tarfile.open(big_tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(work / "plain-big" / "data", arcname="data", recursive=False)
+        tf.add(big_src, arcname=BIG_NAME)
+    big_blob = build(big_tar, work / "big.esgz", level=1)
+    big_tar.unlink()
+    registry = stack.enter_context(Registry(work / "registry"))
+    with RegistryClient(RegistryConfig(docker_config=Path("/nonexistent/config.json"))) as client, open(work / "big.esgz", "rb") as f:
+        client.repository(f"{registry.host}/bench/big").push_blob(f, big_blob.digest)
+    (work / "big.esgz").unlink()
+    big_src_ref = f"registry://{registry.host}/bench/big@{big_blob.digest}"
+    big_size = args.big_mib * MIB
+    mbps = lambda s: big_size / MIB / s  # noqa: E731
+    mp, cache = work / "mnt", work / "cache-big"
+    target = mp / BIG_NAME
+    drop_caches()
+    with mounts.mounted(big_src_ref, mp, big_blob.toc_digest, cache):
+        n = [0]
+        res.add("seq_coldreg_lazy", mbps(timed(lambda: n.__setitem__(0, read_all(target)))))
+        assert n[0] == big_size, n[0]
+    status: dict[str, object] = {}
+    for rep in range(args.reps):
+        log(f"repetition {rep + 1}/{args.reps}")
+        for side in (["plain", "lazy"] if rep % 2 == 0 else ["lazy", "plain"]):
+            drop_caches()
+            if side == "plain":
+                res.add("seq_cold_plain", mbps(timed(lambda: read_all(big_src))))
+                continue
+            with mounts.mounted(big_src_ref, mp, big_blob.toc_digest, cache):
+                n[0] = 0
+                res.add("seq_coldcache_lazy", mbps(timed(lambda: n.__setitem__(0, read_all(target)))))
+                assert n[0] == big_size, n[0]
+                status = {k: v for k, v in mount.status(mp).items() if k not in ("source", "mountpoint", "toc_digest")}
+    print(f"    - command: {' '.join([sys.executable, *sys.argv])}")
+    print(f"    - big layer: {args.big_mib} MiB random file, 4 MiB chunks; cache filled once from the registry"
+          f" ({res.med('seq_coldreg_lazy'):.0f} MiB/s); {args.reps} repetitions, interleaved; median (min-max)")
+    print("")
+    print("| measurement | MiB/s |")
+    print("|---|---|")
+    for key in ("seq_cold_plain", "seq_coldcache_lazy"):
+        print(f"| {key} | {res.med(key):.0f} ({res.spread(key)}) |")
+    ratios = [lazy / plain for lazy, plain in zip(res.data["seq_coldcache_lazy"], res.data["seq_cold_plain"])]
+    print(f"| ratio of medians lazy/plain | {res.med('seq_coldcache_lazy') / res.med('seq_cold_plain'):.2f}x |")
+    print(f"| median of per-repetition ratios | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    print("")
+    print(f"    last mount's counters: {json.dumps(status, sort_keys=True)}")
+
+
+def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextlib.ExitStack) -> None:
+    if args.only == "rss":
+        bench_rss(args, work, mounts, stack)
+        return
+    if args.only == "coldcache":
+        bench_coldcache(args, work, mounts, stack)
+        return
+    res = Results()
+    info: dict[str, object] = {}
+    fork_server = start_fork_server(work, stack)
 
     # --- layers
     log("building the tree layer ...")
@@ -530,6 +653,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
     ap.add_argument("--compare-open", action="store_true",
                     help="also mount the tree with CRFS_LAZYFS_NO_OPEN=0 (every OPEN/OPENDIR answered, as with a stock pyfuse3): warm find, lstat, python")
+    ap.add_argument("--only", choices=["rss", "coldcache"],
+                    help="rss: only the tree layer's memory rows (direct and forked mount after the find + lstat storm);"
+                         " coldcache: only the sequential read cold from the local cache against the plain directory cold")
     args = ap.parse_args()
     args.reps = args.reps or (2 if args.quick else 5)
     if os.geteuid() != 0:

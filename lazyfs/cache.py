@@ -6,8 +6,11 @@ names its content. Files are written to ``ROOT/tmp`` and renamed into place,
 so a reader (in any process) sees a whole chunk or none; what a crash may
 still leave behind (a temp file, a file truncated by a power loss before it
 reached the disk) is never served, because ``get`` checks the length before
-returning anything (and, with ``CacheConfig.verify_on_read``, the digest).
-Only chunks that passed ``decode_chunk``'s digest check are ever stored.
+returning anything, and the digest of a file last written or used before
+this boot (a power loss may have left one of the right length holding
+zeros or stale blocks: nothing is fsynced) or, with
+``CacheConfig.verify_on_read``, of every one. Only chunks that passed
+``decode_chunk``'s digest check are ever stored.
 
 The cache is bounded: ``get`` touches a file's mtime, and when the bytes on
 disk exceed ``max_bytes`` the least recently used files are removed (one
@@ -34,6 +37,7 @@ from .stargz.toc import ChunkRef
 log = logging.getLogger(__name__)
 
 _TMP_MAX_AGE = 600.0  # seconds before an orphaned temp file is removed
+_BOOT_MARGIN = 60.0  # seconds after the boot time in which an mtime still counts as "before this boot"
 
 
 class CacheError(Exception):
@@ -47,12 +51,15 @@ class CacheConfig:
     and check it against its digest. Off by default: a chunk is stored only
     after ``decode_chunk`` verified it, written to a temp file and renamed
     into place, and ``get`` always checks the length, so a crash or a
-    truncated write is never served. What the default gives up is catching
-    a same-length change of the file after it was stored (a disk or
-    filesystem returning wrong bytes, or someone writing into the cache
-    directory); turn it on where that matters more than throughput (it
-    costs a SHA-256 over every chunk served from disk: about two thirds of
-    the fetch thread's time in a cold-from-cache sequential read).
+    truncated write is never served; and a file whose mtime (write, or the
+    LRU touch after a good read) is from before this boot is hashed once
+    when read, since a power loss may have kept the rename but not the data
+    (``verify_after_boot``). What the default gives up is catching a
+    same-length change of the file after it was stored and checked in this
+    boot (a disk or filesystem returning wrong bytes, or someone writing
+    into the cache directory); turn it on where that matters more than
+    throughput (it costs a SHA-256 over every chunk served from disk: about
+    two thirds of the fetch thread's time in a cold-from-cache sequential read).
     ``rescan_fraction``: how much this process may add, as a fraction of the
     limit, before it re-measures the directory (other processes add too)."""
 
@@ -60,6 +67,7 @@ class CacheConfig:
     low_water: float = 0.9
     verify_on_read: bool = False
     rescan_fraction: float = 0.1
+    verify_after_boot: bool = True
 
 
 class ChunkCache:
@@ -82,6 +90,8 @@ class ChunkCache:
         self._counts = {"hits": 0, "misses": 0, "stored": 0, "bad_entries": 0, "evicted": 0, "evicted_bytes": 0}
         self._usage = self._measure()[0]
         self._added_since_scan = 0
+        # an mtime before this is "before this boot" (no boot time known: every file)
+        self._verify_before = _boot_time() + _BOOT_MARGIN if config.verify_after_boot else float("-inf")
 
     # --- keys -------------------------------------------------------------
 
@@ -101,19 +111,20 @@ class ChunkCache:
         try:
             with open(path, "rb") as f:
                 data = f.read(chunk.size + 1)
+                before_boot = os.fstat(f.fileno()).st_mtime < self._verify_before
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("chunk cache: cannot read %s: %s", path, exc)
             self._count("misses")
             return None
-        if len(data) != chunk.size or not self._digest_ok(chunk, data):
+        if len(data) != chunk.size or not self._digest_ok(chunk, data, before_boot):
             log.warning("chunk cache: discarding bad entry %s (%d bytes, want %d)", path, len(data), chunk.size)
             self._discard(path)
             self._count("bad_entries")
             self._count("misses")
             return None
         try:
-            os.utime(path)  # the LRU clock
+            os.utime(path)  # the LRU clock; also "checked in this boot" (see CacheConfig)
         except OSError:
             pass  # evicted meanwhile: the bytes we hold are still good
         self._count("hits")
@@ -229,8 +240,8 @@ class ChunkCache:
 
     # --- helpers ----------------------------------------------------------
 
-    def _digest_ok(self, chunk: ChunkRef, data: bytes) -> bool:
-        if not (self.config.verify_on_read and chunk.digest):
+    def _digest_ok(self, chunk: ChunkRef, data: bytes, before_boot: bool = False) -> bool:
+        if not ((self.config.verify_on_read or before_boot) and chunk.digest):
             return True
         hasher = new_hasher(chunk.digest)
         hasher.update(data)
@@ -249,6 +260,19 @@ class ChunkCache:
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
+
+
+def _boot_time() -> float:
+    """This boot's start, in wall-clock seconds (/proc/stat ``btime``); +inf
+    when unknown, so that every file counts as older."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return float("inf")
 
 
 def _scandir(path: Path) -> list[os.DirEntry[str]]:

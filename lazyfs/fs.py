@@ -15,10 +15,11 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 
 from .chunkmemo import ChunkMemo
 from .chunks import ChunkStore
@@ -31,7 +32,23 @@ log = logging.getLogger(__name__)
 FOREVER = 365 * 24 * 3600.0  # seconds: the layer never changes under the kernel
 BLOCK = 4096
 FSNAME = "crfs-lazyfs"
-READAHEAD_CHUNKS = 1  # chunks of a file loaded ahead of a read (0: none)
+READAHEAD_CHUNKS = 1  # chunks of a file loaded ahead of a read (0: no read-ahead at all)
+# ... and how far ahead chunks already on local disk (the chunk cache) are
+# loaded: no request, only a disk read each (see ``ChunkMemo.read_ahead``)
+READAHEAD_LOCAL_CHUNKS = 3
+# The kernel's read-ahead for a FUSE mount is 128 KiB (the connection's
+# backing_dev_info default, which the daemon may only lower at INIT), so a
+# sequential reader costs one READ per 128 KiB, few of them in flight: about
+# 170 us of round trip per 128 KiB here, ~700 MiB/s at best. Root may raise
+# it afterwards (/sys/class/bdi/<dev>/read_ahead_kb); with 1 MiB a READ
+# carries up to 1 MiB (libfuse asks for max_pages = 256). It also sets the
+# mmap fault-around of the mount's files: 1 MiB around a fault. While chunks
+# are still remote, that would make every miss read (and fetch) more, and
+# an access profile recorded by crfs optimize wider: so it is raised only
+# once the whole layer is local (a local blob at once; a remote one when
+# the background fetch or the reads have brought every chunk).
+KERNEL_READAHEAD_KB = 1024
+LOCAL_CHECK_FIRST, LOCAL_CHECK_MAX = 1.0, 10.0  # s between checks, doubling
 # pyfuse3 built with third_party/pyfuse3's patch hands ``read``/``readdir``
 # the inode when the kernel sends file handle 0, which lets us run without
 # OPEN/OPENDIR (see ``LayerFS.no_open``); a stock pyfuse3 cannot.
@@ -56,6 +73,7 @@ class FsStats:
     bytes_read: int = 0
     read_errors: int = 0  # reads answered with EIO
     getxattrs: int = 0  # GETXATTR requests (a layer without xattrs: one, ever)
+    kernel_readahead_kb: int = 0  # the kernel read-ahead raised to, once the layer is fully local (0: not raised)
     last_error: str = ""
 
 
@@ -87,6 +105,13 @@ class LayerFS(pyfuse3.Operations):
 
     enable_writeback_cache = False
     enable_acl = False
+    # where it is mounted (set before ``pyfuse3.init``): lets ``init`` raise
+    # the kernel's read-ahead for the mount (see KERNEL_READAHEAD_KB)
+    mountpoint: str | None = None
+    kernel_readahead_kb: int = KERNEL_READAHEAD_KB
+    fully_local: Callable[[], bool] | None = None  # set with mountpoint: whether no read can fetch any more
+    local_at_mount: bool = False  # what fully_local said just before mounting
+    _raise_at_lookup: bool = False
 
     def __init__(
         self, toc: Toc, store: ChunkStore, *, memo: ChunkMemo | None = None,
@@ -114,6 +139,40 @@ class LayerFS(pyfuse3.Operations):
         self._negative.st_ino = 0
         self._negative.entry_timeout = FOREVER
 
+    def init(self) -> None:
+        """pyfuse3 calls this while answering the kernel's INIT, which would
+        cap a read-ahead set now at 128 KiB again. A layer local from the
+        start is raised at its first LOOKUP or GETATTR (the kernel has taken the INIT
+        answer by then, and no file of the mount is open yet: a file keeps
+        the read-ahead it was opened with); another one by a task, once it
+        is local."""
+        if self.mountpoint is None or not self.kernel_readahead_kb or self.fully_local is None:
+            return
+        if self.local_at_mount:
+            self._raise_at_lookup = True
+            return
+        try:
+            trio.lowlevel.spawn_system_task(self._raise_readahead_once_local, name="lazyfs-readahead-kb")
+        except RuntimeError:  # not in trio (a test calling init): nothing to do
+            pass
+
+    def _raise_readahead(self) -> None:
+        assert self.mountpoint is not None
+        self._raise_at_lookup = False
+        if raise_kernel_readahead(self.mountpoint, self.kernel_readahead_kb):
+            self.stats.kernel_readahead_kb = self.kernel_readahead_kb
+
+    async def _raise_readahead_once_local(self) -> None:
+        assert self.fully_local is not None
+        delay = LOCAL_CHECK_FIRST
+        try:
+            while not await trio.to_thread.run_sync(self.fully_local, abandon_on_cancel=True):
+                await trio.sleep(delay)
+                delay = min(2 * delay, LOCAL_CHECK_MAX)
+            self._raise_readahead()
+        except Exception as exc:  # noqa: BLE001 - a system task must not raise: it would end the mount
+            log.debug("kernel read-ahead left as it is: %r", exc)
+
     # --- metadata ----------------------------------------------------------
 
     def attributes(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -123,9 +182,13 @@ class LayerFS(pyfuse3.Operations):
         return _attributes(self._node(ino))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if self._raise_at_lookup:
+            self._raise_readahead()
         return self.attributes(inode)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if self._raise_at_lookup:
+            self._raise_readahead()
         parent = self._node(parent_inode)
         if name == b".":
             return self.attributes(parent.ino)
@@ -200,7 +263,11 @@ class LayerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        """The bytes at ``[off, off + size)`` of a file. A read within one
+        chunk (nearly all of them) is a ``memoryview`` of the memo's bytes,
+        not a copy: pyfuse3 takes any contiguous buffer, and a chunk's bytes
+        are immutable, so the view stays valid while the reply is written."""
         node = self._node(fh)
         entry = node.entry
         if self.accessed is not None:
@@ -218,12 +285,12 @@ class LayerFS(pyfuse3.Operations):
         for chunk, data in zip(chunks, datas):
             lo = max(off - chunk.file_offset, 0)
             hi = min(end - chunk.file_offset, chunk.size)
-            parts.append(data[lo:hi])
-        result = b"".join(parts)
+            parts.append(memoryview(data)[lo:hi])
+        result = parts[0] if len(parts) == 1 else b"".join(parts)
         if self.readahead_chunks:
             self._read_ahead(entry.chunks, chunks[-1])
         if off == 0 and self.dependencies is not None:
-            self.dependencies.file_read(node, result[:HEAD_BYTES])
+            self.dependencies.file_read(node, bytes(result[:HEAD_BYTES]))
         self.stats.reads += 1
         self.stats.bytes_read += len(result)
         return result
@@ -244,8 +311,9 @@ class LayerFS(pyfuse3.Operations):
         memo skips those held or being loaded); never fails the read."""
         i = bisect.bisect_right(all_chunks, last.file_offset, key=_file_offset)
         if i < len(all_chunks):
+            depth = max(self.readahead_chunks, READAHEAD_LOCAL_CHUNKS)
             try:
-                self.memo.read_ahead(all_chunks[i : i + self.readahead_chunks])
+                self.memo.read_ahead(all_chunks[i : i + depth], remote=self.readahead_chunks)
             except Exception as exc:  # noqa: BLE001 - read-ahead is only a hint
                 log.debug("read-ahead after %d failed to start: %s", last.file_offset, exc)
 
@@ -253,6 +321,42 @@ class LayerFS(pyfuse3.Operations):
         self.stats.read_errors += 1
         self.stats.last_error = f"{name}: {exc}"
         log.error("read %r [%d, +%d) failed: %s", name, off, size, exc)
+
+
+def raise_kernel_readahead(mountpoint: str, kb: int) -> bool:
+    """Raise the read-ahead of the FUSE mount at ``mountpoint`` to ``kb``
+    KiB (never lowers it); False when it cannot (not root, no sysfs). Only
+    /proc and /sys are read: touching the mount itself from its own serving
+    thread would wait for itself."""
+    mountpoint = os.path.abspath(mountpoint)
+    path = os.path.join(os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint))
+    try:
+        devs = []
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                mount_part, _, fs_part = line.partition(" - ")
+                fields = mount_part.split()  # id, parent, major:minor, root, mount point, ...
+                if len(fields) > 4 and _unescape(fields[4]) == path and fs_part.startswith("fuse"):
+                    devs.append(fields[2])
+        if not devs:
+            return False
+        knob = f"/sys/class/bdi/{devs[-1]}/read_ahead_kb"  # the last: the one on top
+        with open(knob, "r+") as f:
+            if int(f.read().strip() or 0) >= kb:
+                return True
+            f.seek(0)
+            f.write(f"{kb}\n")
+        return True
+    except (OSError, ValueError) as exc:
+        log.debug("cannot raise the kernel read-ahead of %s: %s", mountpoint, exc)
+        return False
+
+
+def _unescape(field: str) -> str:
+    """A /proc/self/mountinfo path: space, tab, newline and backslash are octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
 
 
 def add_range(ranges: list[list[int]], start: int, end: int) -> None:

@@ -88,6 +88,9 @@ class OpenedLayer:
     # a prefetch hint (an access profile) says what to fetch: no guessing
     # what programs will load (lazyfs.dependencies) on top of it
     hinted: bool = False
+    # whether a read can no longer cause a fetch: every chunk local (a local
+    # blob's always are); a bigger kernel read-ahead then costs no bytes
+    fully_local: Callable[[], bool] = lambda: True
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -271,4 +274,4 @@ def _open_remote(
                 close()
         raise
     return OpenedLayer(remote.reader.toc, remote.store, source, closers, status=remote.status,
-                       hinted=hint is not None or bool(ranges))
+                       hinted=hint is not None or bool(ranges), fully_local=remote.fully_local)

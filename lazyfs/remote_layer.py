@@ -25,7 +25,7 @@ from .fetchslots import FetchSlots
 from .prefetch import PrefetchConfig, Prefetcher, layer_chunks
 from .stargz.reader import StargzReader
 from .stargz.source import BlobSource, read_exactly
-from .stargz.toc import ChunkRef
+from .stargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, ChunkRef
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,20 @@ class RemoteLayer:
     def start(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.start()
+
+    def fully_local(self) -> bool:
+        """Whether every chunk a read can ask for is in the cache (a read can
+        no longer cause a fetch; the format's landmark files, which no read
+        sees, do not count). Asks the cache about each chunk unless the
+        prefetcher has seen them all."""
+        if self.prefetcher is not None and self.prefetcher.progress()["percent"] >= 100.0:
+            return True
+        if self.store.cache is None:
+            return False
+        toc = self.reader.toc
+        unseen = {chunk_key(c) for name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK)
+                  if (entry := toc.get(name)) is not None for c in entry.chunks}
+        return all(self.store.is_local(c) for c in self.store.layout if chunk_key(c) not in unseen)
 
     def status(self) -> dict[str, object]:
         """Counters of the fetcher and the cache, and prefetch progress."""

@@ -47,7 +47,9 @@ def serve(
     if layer.is_remote and not layer.hinted and os.environ.get("CRFS_LAZYFS_DEPENDENCIES", "") != "0":
         fs.dependencies = DependencyPrefetcher(fs.tree, fs.memo, tell_peers=peers.tell)
     trim_heap()
-    fs.mountpoint = mountpoint  # its init raises the kernel's read-ahead for the mount
+    # the kernel's read-ahead for the mount is raised once no read can cause a fetch
+    fs.mountpoint, fs.fully_local = mountpoint, layer.fully_local
+    fs.local_at_mount = _fully_local(layer)
     pyfuse3.init(fs, mountpoint, mount_options(allow_other=allow_other))
     external = trio.Event()  # set when someone else unmounted us
     # listening before "ready": whoever waits for that may ask at once
@@ -93,6 +95,14 @@ def serve(
         if control:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
+
+
+def _fully_local(layer: OpenedLayer) -> bool:
+    try:
+        return layer.fully_local()
+    except Exception as exc:  # noqa: BLE001 - only an optimisation is lost
+        log.debug("cannot tell whether the layer is local: %r", exc)
+        return False
 
 
 def trim_heap() -> None:

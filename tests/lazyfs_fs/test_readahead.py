@@ -95,3 +95,70 @@ def test_a_read_waiting_on_a_failed_read_ahead_fetches_itself_and_reports() -> N
 
     trio.run(main)
     assert memo.stats.readahead_errors == 1 and memo.stats.fetch_errors == 1
+
+
+class LocalStore(FakeStore):
+    """A store that has some chunks on local disk (as RemoteChunks with its cache)."""
+
+    def __init__(self, local: set[int]) -> None:
+        super().__init__()
+        self.local = local  # blob offsets
+
+    def is_local(self, chunk: ChunkRef) -> bool:
+        return chunk.blob_offset in self.local
+
+
+def test_local_chunks_are_read_ahead_deeper_remote_ones_only_as_far_as_asked() -> None:
+    store = LocalStore({c.blob_offset for c in CHUNKS[1:4]})
+    memo = ChunkMemo(store, readahead_inflight=1, local_readahead_inflight=3)
+
+    async def main() -> None:
+        store.release.clear()
+        memo.read_ahead(CHUNKS[1:6], remote=1)  # 1-3 local: all three; 4 remote, beyond the first: not
+        assert memo.stats.readahead_started == 3 and memo.stats.readahead_local == 3
+        memo.read_ahead(CHUNKS[4:6], remote=1)  # remote, the first asked for: one remote slot
+        assert memo.stats.readahead_started == 4
+        memo.read_ahead(CHUNKS[5:6])  # both kinds of slot taken
+        assert memo.stats.readahead_started == 4
+        store.release.set()
+        await _settle(memo)
+
+    trio.run(main)
+    assert sorted(store.calls) == [c.blob_offset for c in CHUNKS[1:5]]
+
+
+def test_a_store_without_is_local_reads_ahead_as_before() -> None:
+    store = FakeStore()
+    memo = ChunkMemo(store)  # one read-ahead in flight
+
+    async def main() -> None:
+        store.release.clear()
+        memo.read_ahead(CHUNKS[1:4], remote=1)
+        memo.read_ahead(CHUNKS[2:4])
+        assert memo.stats.readahead_started == 1 and memo.stats.readahead_local == 0
+        store.release.set()
+        await _settle(memo)
+
+    trio.run(main)
+    assert store.calls == [CHUNKS[1].blob_offset]
+
+
+def test_chunks_read_ahead_are_not_evicted_before_the_one_being_read() -> None:
+    # room for four chunks: the one being read and three read ahead; the
+    # chunk read before them goes first, not the next one (least recently used)
+    store = LocalStore({c.blob_offset for c in CHUNKS})
+    memo = ChunkMemo(store, max_bytes=4 * SIZE, local_readahead_inflight=3)
+
+    async def main() -> None:
+        await memo.get_many([CHUNKS[0]])
+        memo.read_ahead(CHUNKS[1:4])
+        await _settle(memo)
+        await memo.get_many([CHUNKS[0]])  # chunk 0 touched after 1-3 arrived
+        await memo.get_many([CHUNKS[1]])  # the reader moves on
+        memo.read_ahead(CHUNKS[2:5])  # 4 arrives: 0 goes, not 2 or 3 (unread)
+        await _settle(memo)
+        for i in (1, 2, 3, 4):
+            await memo.get_many([CHUNKS[i]])
+
+    trio.run(main)
+    assert sorted(store.calls) == [c.blob_offset for c in CHUNKS[:5]]  # nothing loaded twice

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs import mount
+from lazyfs.fs import KERNEL_READAHEAD_KB
 from lazyfs.layer_source import RemoteOptions
 from lazyfs_fetch.conftest import REPO, Layer, Remote, build_layer, remote  # noqa: F401 - `remote` is a fixture
 
@@ -161,6 +162,9 @@ def test_one_small_file_fetches_a_small_part_and_only_once(remote: Remote, tmp_p
         assert status["store"]["cache"]["stored"] >= 1
         assert status["store"]["prefetch"]["local_bytes"] < status["store"]["prefetch"]["total_bytes"]
         reads = status["reads"]
+        # chunks still remote: the kernel's read-ahead stays small (a bigger
+        # one would make each miss fetch more)
+        assert status["kernel_readahead_kb"] == 0
 
         remote.proxy.clear()
         assert read_uncached(mnt / SMALL) == layer.files[SMALL]
@@ -202,6 +206,11 @@ def test_background_fetch_makes_the_layer_local_then_registry_may_go(remote: Rem
         assert progress["local_bytes"] == progress["total_bytes"] >= sum(len(d) for d in layer.files.values())
         assert progress["failures"] == 0
         assert status["store"]["fetch"]["bytes_fetched"] <= layer.build.size
+        # all local: nothing a bigger kernel read-ahead could fetch, so it is raised
+        deadline = time.monotonic() + 15
+        while crfs_status(mnt)["kernel_readahead_kb"] != KERNEL_READAHEAD_KB and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert crfs_status(mnt)["kernel_readahead_kb"] == KERNEL_READAHEAD_KB
 
         remote.registry.daemon.stop()  # the registry is gone; the proxy answers for nothing
         remote.proxy.clear()
