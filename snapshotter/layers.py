@@ -249,7 +249,7 @@ class LayerMounts:
                 with self._starts_lock:  # not remembered: the next Prepare tries again
                     if self._starts.get(manifest_digest) is known:
                         del self._starts[manifest_digest]
-        return known.result()
+        return known.result(timeout=self._premount_wait)  # another Prepare's fetch: bounded too
 
     def introduce(self, digests: Sequence[str]) -> None:
         """Tell the mount processes of layers merged in one overlay about each

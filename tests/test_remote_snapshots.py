@@ -477,3 +477,32 @@ def test_the_images_next_layers_are_mounted_ahead_and_claimed_by_their_own_prepa
                 assert mount.is_mounted(early[0]) and _pid(early[0]) == pid
             finally:
                 env.client.channel.close()
+
+
+def test_an_images_layers_are_introduced_to_each_other_even_when_its_config_cannot_be_read(
+    tmp_path: Path, layer: Layer, gzip_layer: tuple[bytes, str],
+) -> None:
+    """A Prepare naming a manifest the registry does not have: the config
+    (the image's start command) cannot be read, which only costs the guess;
+    the layer is mounted lazily as ever, and the image's layers still learn
+    about each other (lazyfs peers)."""
+    (tmp_path / "second").mkdir()
+    second = build_layer(tmp_path / "second", {"srv/app.txt": b"second layer\n"})
+    (tmp_path / "crfs.toml").write_text(CONFIG)
+    with Registry(tmp_path / "registry") as registry, FaultProxy(registry.host) as proxy:
+        with RegistryClient(client_config()) as rc:
+            for blob in (layer, second):
+                rc.repository(f"{registry.host}/{REPO}").push_blob(blob.data, blob.digest)
+        with CrfsServer(tmp_path / "root", tmp_path / "crfs.sock", ["--config", str(tmp_path / "crfs.toml")]) as crfs:
+            env = Env(crfs, connect(crfs), proxy, layer, gzip_layer[1])
+            try:
+                labels = {**env.labels("c1"), "containerd.io/snapshot/cri.image-layers": f"{layer.digest},{second.digest}",
+                          "containerd.io/snapshot/cri.manifest-digest": "sha256:" + "0" * 64}
+                with pytest.raises(grpc.RpcError) as err:
+                    env.stub.Prepare(pb.PrepareSnapshotRequest(key="k1", labels=labels))
+                assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                mounts = [crfs.root / "layers" / b.digest.replace(":", "-") for b in (layer, second)]
+                assert _wait(lambda: all(mount.is_mounted(p) and mount.status(p)["peers"] == 1 for p in mounts), 15)
+                assert all(mount.status(p)["dependencies"]["wants_received"] == 0 for p in mounts)
+            finally:
+                env.client.channel.close()
