@@ -54,7 +54,7 @@ from lazyfs import mount  # noqa: E402
 from lazyfs.forkserver import ForkServer  # noqa: E402
 from lazyfs.layer_source import RemoteOptions  # noqa: E402
 from lazyfs.registry import RegistryClient, RegistryConfig  # noqa: E402
-from lazyfs.stargz.writer import build  # noqa: E402
+from lazyfs.stargz.writer import BuildResult, build  # noqa: E402
 
 TREE_DIRS = ["/usr/lib/python3.11", "/usr/lib/python3", "/usr/share/doc"]
 PY = "/usr/bin/python3.11"
@@ -318,6 +318,25 @@ def bench_rss(args: argparse.Namespace, work: Path, mounts: Mounts, stack: conte
         print(f"| {key.removesuffix('_kib')} | {res.med(key) / 1024:.1f} ({min(v) / 1024:.1f}-{max(v) / 1024:.1f}) |")
 
 
+def build_big_layer(mib: int, work: Path) -> BuildResult:
+    """``work/plain-big/big.bin``, ``mib`` MiB of random bytes, and the same
+    file as an eStargz layer at ``work/big.esgz``."""
+    log(f"building the {mib} MiB random-file layer ...")
+    big_src = work / "plain-big" / BIG_NAME
+    big_src.parent.mkdir(parents=True)
+    rng = random.Random(42)
+    with open(big_src, "wb") as f:
+        for _ in range(mib):
+            f.write(rng.randbytes(MIB))
+    big_tar = work / "big.tar"
+    with tarfile.open(big_tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(work / "plain-big" / "data", arcname="data", recursive=False)
+        tf.add(big_src, arcname=BIG_NAME)
+    big_blob = build(big_tar, work / "big.esgz", level=1)
+    big_tar.unlink()
+    return big_blob
+
+
 def bench_coldcache(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextlib.ExitStack) -> None:
     """``--only coldcache``: the sequential read of the big file cold from the
     local chunk cache (``seq_coldcache_lazy``) against the plain directory
@@ -326,19 +345,7 @@ def bench_coldcache(args: argparse.Namespace, work: Path, mounts: Mounts, stack:
     reads the plain file, and drops it again, mounts the layer anew on the
     same cache and reads it (order flips each repetition), as the full run does."""
     res = Results()
-    log(f"building the {args.big_mib} MiB random-file layer ...")
-    big_src = work / "plain-big" / BIG_NAME
-    big_src.parent.mkdir(parents=True)
-    rng = random.Random(42)
-    with open(big_src, "wb") as f:
-        for _ in range(args.big_mib):
-            f.write(rng.randbytes(MIB))
-    big_tar = work / "big.tar"
-    with tarfile.open(big_tar, "w", format=tarfile.PAX_FORMAT) as tf:
-        tf.add(work / "plain-big" / "data", arcname="data", recursive=False)
-        tf.add(big_src, arcname=BIG_NAME)
-    big_blob = build(big_tar, work / "big.esgz", level=1)
-    big_tar.unlink()
+    big_blob = build_big_layer(args.big_mib, work)
     registry = stack.enter_context(Registry(work / "registry"))
     with RegistryClient(RegistryConfig(docker_config=Path("/nonexistent/config.json"))) as client, open(work / "big.esgz", "rb") as f:
         client.repository(f"{registry.host}/bench/big").push_blob(f, big_blob.digest)
@@ -359,7 +366,7 @@ def bench_coldcache(args: argparse.Namespace, work: Path, mounts: Mounts, stack:
         for side in (["plain", "lazy"] if rep % 2 == 0 else ["lazy", "plain"]):
             drop_caches()
             if side == "plain":
-                res.add("seq_cold_plain", mbps(timed(lambda: read_all(big_src))))
+                res.add("seq_cold_plain", mbps(timed(lambda: read_all(work / "plain-big" / BIG_NAME))))
                 continue
             with mounts.mounted(big_src_ref, mp, big_blob.toc_digest, cache):
                 n[0] = 0
@@ -402,19 +409,7 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
     info["tree_blob_mb"] = round(tree_blob.size / 1e6, 1)
     tree_tar.unlink()
 
-    log(f"building the {args.big_mib} MiB random-file layer ...")
-    big_src = work / "plain-big" / BIG_NAME
-    big_src.parent.mkdir(parents=True)
-    rng = random.Random(42)
-    with open(big_src, "wb") as f:
-        for _ in range(args.big_mib):
-            f.write(rng.randbytes(MIB))
-    big_tar = work / "big.tar"
-    with tarfile.open(big_tar, "w", format=tarfile.PAX_FORMAT) as tf:
-        tf.add(work / "plain-big" / "data", arcname="data", recursive=False)
-        tf.add(big_src, arcname=BIG_NAME)
-    big_blob = build(big_tar, work / "big.esgz", level=1)
-    big_tar.unlink()
+    big_blob = build_big_layer(args.big_mib, work)
     info["big_blob_mb"] = round(big_blob.size / 1e6, 1)
 
     # --- registry
@@ -440,6 +435,7 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
     info["imports_lazyfs (modules from mount / elsewhere)"] = f"{inside} / {outside}"
     shutil.rmtree(work / "cache-check", ignore_errors=True)
 
+    rng = random.Random(43)  # the random reads' offsets
     offsets = [rng.randrange(0, (args.big_mib * MIB) // 4096) * 4096 for _ in range(args.random_reads)]
     big_size = args.big_mib * MIB
     mbps = lambda s: big_size / MIB / s  # noqa: E731
