@@ -56,6 +56,10 @@ class LayerMounts:
         self._premount_hold = premount_hold
         self._premount_wait = premount_wait
         self._starts: dict[str, Future[ImageStart]] = {}  # manifest digest -> its start, a few recent ones
+        # layer digest -> the layers it was introduced to (told again after a restart)
+        self._peers: dict[str, set[str]] = {}
+        self._peers_lock = threading.Lock()
+        supervisor.on_restart = self._restarted
         self._starts_lock = threading.Lock()
 
     def mountpoint(self, digest: str) -> Path:
@@ -159,6 +163,9 @@ class LayerMounts:
             log.warning("releasing layer %s: %s", digest, exc)
         if not self._supervisor.holds(digest):
             self._remove_dir(digest)
+            with self._peers_lock:
+                for other in self._peers.pop(digest, ()):
+                    self._peers.get(other, set()).discard(digest)
 
     def adopt(self, layers: Iterable[tuple[RemoteLayer, int]]) -> None:
         """Take over the mounts of the store's remote snapshots after a
@@ -219,9 +226,10 @@ class LayerMounts:
                     mount.want_files([self.mountpoint(digest)], files)
             if waiting:
                 time.sleep(0.01)
-        mountpoints = [self.mountpoint(d) for d in digests if self._supervisor.running(d)]
-        if len(mountpoints) > 1:
-            mount.introduce_peers(mountpoints)
+        running = [d for d in digests if self._supervisor.running(d)]
+        if len(running) > 1:
+            self._remember_peers(running)
+            mount.introduce_peers([self.mountpoint(d) for d in running])
 
     def _settled(self, digest: str) -> bool:
         """Whether ``digest`` runs, or has failed to (no premount in progress, not held)."""
@@ -256,10 +264,25 @@ class LayerMounts:
         other (in the background: never delays the mounts it comes with), so
         that a program starting from one layer has its libraries fetched
         from the others ahead of its reads."""
+        digests = list(dict.fromkeys(digests))
         if len(digests) < 2:
             return
-        mountpoints = [self.mountpoint(d) for d in dict.fromkeys(digests)]
+        self._remember_peers(digests)
+        mountpoints = [self.mountpoint(d) for d in digests]
         threading.Thread(target=mount.introduce_peers, args=(mountpoints,), name="crfs-peers", daemon=True).start()
+
+    def _remember_peers(self, digests: Sequence[str]) -> None:
+        with self._peers_lock:
+            for digest in digests:
+                self._peers.setdefault(digest, set()).update(d for d in digests if d != digest)
+
+    def _restarted(self, digest: str) -> None:
+        """A layer's new process knows no peers: introduce it again (in the
+        background; the supervisor's watcher must not wait)."""
+        with self._peers_lock:
+            peers = [d for d in self._peers.get(digest, ()) if self._supervisor.holds(d)]
+        if peers:
+            self.introduce([digest, *peers])
 
     def _adopt(self, digest: str) -> None:
         """Mounts a pending layer (no-op for others)."""

@@ -65,6 +65,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,9 @@ class MountSupervisor:
         self.status_timeout = status_timeout
         self.start_timeout = start_timeout
         self._fork_server = fork_server
+        # called (in the watcher thread, must not block) with a layer's
+        # digest after its process was started again
+        self.on_restart: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._mounts: dict[str, _Mount] = {}
         self._closed = False
@@ -478,3 +482,5 @@ class MountSupervisor:
             return
         m.state, m.restarts, m.unresponsive, m.adopted = "running", m.restarts + 1, 0, False
         log.info("restarted %s at %s (pid %d)", m.digest, m.mountpoint, m.pid)
+        if self.on_restart is not None:
+            self.on_restart(m.digest)

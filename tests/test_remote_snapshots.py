@@ -504,5 +504,10 @@ def test_an_images_layers_are_introduced_to_each_other_even_when_its_config_cann
                 mounts = [crfs.root / "layers" / b.digest.replace(":", "-") for b in (layer, second)]
                 assert _wait(lambda: all(mount.is_mounted(p) and mount.status(p)["peers"] == 1 for p in mounts), 15)
                 assert all(mount.status(p)["dependencies"]["wants_received"] == 0 for p in mounts)
+                # a layer process that dies is mounted again, and told its peers again
+                old = _pid(mounts[0])
+                os.kill(old, signal.SIGKILL)
+                assert _wait(lambda: _pid_or_0(mounts[0]) not in (0, old), 15)
+                assert _wait(lambda: mount.status(mounts[0])["peers"] == 1, 10), mount.status(mounts[0])
             finally:
                 env.client.channel.close()
