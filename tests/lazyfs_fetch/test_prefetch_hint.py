@@ -14,14 +14,14 @@ import pytest
 from harness.images import push_layers_manifest
 from lazyfs.cache import ChunkCache
 from lazyfs.layer_source import RemoteOptions, open_layer
-from lazyfs.prefetch import layer_chunks
+from lazyfs.prefetch import PrefetchConfig, layer_chunks
 from lazyfs.prefetch_hints import (
     MAX_HINT_BYTES, PREFETCH_RANGES_LABEL, STARGZ_PREFETCH_LABEL, BadPrefetchRanges, parse_prefetch_ranges, prefetch_hint,
 )
 from lazyfs.remote_layer import RemoteLayer, hint_batches
 from lazyfs.remote_source import RegistryBlobSource
 from lazyfs.stargz import StargzReader
-from lazyfs.stargz.source import BytesSource
+from lazyfs.stargz.source import BlobSource, BytesSource
 
 from .conftest import REPO, Layer, Remote
 
@@ -104,12 +104,18 @@ def _priority_range(layer: Layer) -> tuple[StargzReader, list[tuple[int, int]]]:
     return reader, [(0, size)]
 
 
+def _hinted(
+    source: BlobSource, layer: Layer, cache: Path, ranges: list[tuple[int, int]] | None, prefetch: PrefetchConfig | None = None,
+) -> RemoteLayer:
+    """``layer`` opened over ``source`` with the hint ``ranges``, chunks cached in ``cache``."""
+    return RemoteLayer.open(source, layer.digest, ChunkCache(cache), toc_digest=layer.build.toc_digest,
+                            prefetch=prefetch, prefetch_ranges=ranges)
+
+
 def test_hinted_ranges_travel_with_the_toc_and_are_served_from_the_cache(layer: Layer, tmp_path: Path) -> None:
     reader, ranges = _priority_range(layer)
     source = SlowSource(layer.data)
-    layer_ = RemoteLayer.open(source, layer.digest, ChunkCache(tmp_path), toc_digest=layer.build.toc_digest,
-                              prefetch=None, prefetch_ranges=ranges)
-    with layer_:
+    with _hinted(source, layer, tmp_path, ranges) as layer_:
         assert layer_.hint is not None and layer_.hint.wait(10)
         hinted = [r for r in source.reads if r[0].startswith("lazyfs-hint")]
         toc_reads = [r for r in source.reads if not r[0].startswith("lazyfs-hint")]
@@ -132,14 +138,11 @@ def test_a_hint_replaces_the_landmark_prefetch(layer: Layer, tmp_path: Path) -> 
     """With a hint, the prefetcher makes no priority request: the hint
     names the bytes a start-up reads, and the prioritized files around them
     are not fetched (``crfs optimize`` hints only the chunks it saw read)."""
-    from lazyfs.prefetch import PrefetchConfig
-
     reader, ranges = _priority_range(layer)
     priority = [c for c in layer_chunks(reader.toc) if c.blob_offset < ranges[0][1]]
     half = [(0, priority[len(priority) // 2].blob_offset)]  # the first half of the prioritized chunks
     source = SlowSource(layer.data, delay=0.05)
-    with RemoteLayer.open(source, layer.digest, ChunkCache(tmp_path), toc_digest=layer.build.toc_digest,
-                          prefetch=PrefetchConfig(background=False), prefetch_ranges=half) as layer_:
+    with _hinted(source, layer, tmp_path, half, PrefetchConfig(background=False)) as layer_:
         layer_.start()
         assert layer_.prefetcher is not None and layer_.prefetcher.wait_done(10)
         assert layer_.hint is not None and layer_.hint.wait(10)
@@ -155,20 +158,16 @@ def test_a_hint_replaces_the_landmark_prefetch(layer: Layer, tmp_path: Path) -> 
 
 
 def test_without_a_hint_the_landmark_prefetch_brings_the_prioritized_files(layer: Layer, tmp_path: Path) -> None:
-    from lazyfs.prefetch import PrefetchConfig
-
     reader, ranges = _priority_range(layer)
     priority = [c for c in layer_chunks(reader.toc) if c.blob_offset < ranges[0][1]]
-    with RemoteLayer.open(BytesSource(layer.data), layer.digest, ChunkCache(tmp_path), toc_digest=layer.build.toc_digest,
-                          prefetch=PrefetchConfig(background=False)) as layer_:
+    with _hinted(BytesSource(layer.data), layer, tmp_path, None, PrefetchConfig(background=False)) as layer_:
         layer_.start()
         assert layer_.prefetcher is not None and layer_.prefetcher.wait_done(10)
         assert all(layer_.store.is_local(c) for c in priority)
 
 
 def test_a_hint_beyond_the_blob_is_dropped(layer: Layer, tmp_path: Path) -> None:
-    with RemoteLayer.open(BytesSource(layer.data), layer.digest, ChunkCache(tmp_path), toc_digest=layer.build.toc_digest,
-                          prefetch=None, prefetch_ranges=[(0, 10), (layer.build.size, 10)]) as layer_:
+    with _hinted(BytesSource(layer.data), layer, tmp_path, [(0, 10), (layer.build.size, 10)]) as layer_:
         assert layer_.hint is not None and layer_.hint.wait(10)
         assert layer_.status()["hint"]["chunks_taken"] == 0  # type: ignore[index]
         assert layer_.store.stats()["in_flight"] == 0 and layer_.store.stats()["chunks_cached"] == 0
@@ -222,8 +221,7 @@ def test_reads_wait_for_the_hinted_request_instead_of_asking_again(remote: Remot
     source = _source_with_toc(remote)
     remote.proxy.clear()
     remote.proxy.add("stall", r"^GET /v2/.*/blobs/", times=1, delay=0.8)
-    with RemoteLayer.open(source, remote.layer.digest, ChunkCache(tmp_path), toc_digest=remote.layer.build.toc_digest,
-                          prefetch=None, prefetch_ranges=[(0, size)]) as layer_:
+    with _hinted(source, remote.layer, tmp_path, [(0, size)]) as layer_:
         data = b"".join(layer_.store.get_many(reader.toc.chunks_for_range("bin/app", 0, 1 << 30)))
         assert data == remote.layer.files["bin/app"]
         assert layer_.hint is not None and layer_.hint.wait(10)
@@ -242,8 +240,7 @@ def test_corrupted_hinted_bytes_are_never_served(remote: Remote, tmp_path: Path)
     source = _source_with_toc(remote)
     remote.proxy.clear()
     remote.proxy.add("corrupt", r"^GET /v2/.*/blobs/", times=1)
-    with RemoteLayer.open(source, remote.layer.digest, ChunkCache(tmp_path), toc_digest=remote.layer.build.toc_digest,
-                          prefetch=None, prefetch_ranges=[(first.blob_offset, end - first.blob_offset)]) as layer_:
+    with _hinted(source, remote.layer, tmp_path, [(first.blob_offset, end - first.blob_offset)]) as layer_:
         assert layer_.hint is not None and layer_.hint.wait(10)
         hint = layer_.status()["hint"]
         wanted = [c for c in chunks if c.blob_offset < end]
@@ -262,8 +259,7 @@ def test_a_failed_hinted_request_falls_back_to_ordinary_fetches(remote: Remote, 
     source = _source_with_toc(remote)
     remote.proxy.clear()
     remote.proxy.add("status", r"^GET /v2/.*/blobs/", times=20, status=404)
-    with RemoteLayer.open(source, remote.layer.digest, ChunkCache(tmp_path), toc_digest=remote.layer.build.toc_digest,
-                          prefetch=None, prefetch_ranges=[(0, size)]) as layer_:
+    with _hinted(source, remote.layer, tmp_path, [(0, size)]) as layer_:
         assert layer_.hint is not None and layer_.hint.wait(20)
         remote.proxy.clear()  # the registry is back
         data = b"".join(layer_.store.get_many(reader.toc.chunks_for_range("etc/app.conf", 0, 1 << 30)))

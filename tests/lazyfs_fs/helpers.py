@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from lazyfs import mount
 
 if TYPE_CHECKING:
+    from lazyfs.forkserver import ForkServer
     from lazyfs.image_mount import ImageRecord
     from lazyfs.layer_source import RemoteOptions
 
@@ -55,10 +56,15 @@ def kill(pid: int, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def mounted(blob: Path, mountpoint: Path, *, toc_digest: str | None = None) -> Iterator[int]:
-    """A layer mount process serving ``blob`` at ``mountpoint``; its pid."""
+def mounted(
+    source: Path | str, mountpoint: Path, *, toc_digest: str | None = None,
+    remote: "RemoteOptions | None" = None, fork_server: "ForkServer | None" = None,
+) -> Iterator[int]:
+    """A layer mount process serving ``source`` (a blob's path or a source
+    string) at ``mountpoint``; its pid. Unmounted and stopped after."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    pid = mount.start(str(blob), mountpoint, toc_digest=toc_digest)
+    kwargs = {"remote": remote} if remote is not None else {}
+    pid = mount.start(str(source), mountpoint, toc_digest=toc_digest, fork_server=fork_server, **kwargs)
     try:
         yield pid
     finally:

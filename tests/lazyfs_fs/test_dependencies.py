@@ -12,6 +12,7 @@ the merged mount. Without a registry: the path lookup inside one layer
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tarfile
@@ -34,7 +35,7 @@ from lazyfs.stargz.writer import build
 from lazyfs.tree import LayerTree
 from stargz.helpers import _add
 
-from .helpers import force_unmount, kill, mounted_image
+from .helpers import mounted, mounted_image
 
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 HOST_LIBS = ["ld-linux-x86-64.so.2", "libc.so.6", "libselinux.so.1", "libpcre2-8.so.0.11.2"]
@@ -181,19 +182,18 @@ def test_what_was_asked_before_the_peers_were_known_reaches_them_when_they_are(t
     lower_blob, upper_blob = _system_layers(tmp_path)
     with Registry(tmp_path / "registry") as registry, RegistryClient() as client:
         repo = client.repository(f"{registry.host}/lazy/ls")
-        dirs, pids = [], []
-        try:
+        dirs = []
+        with contextlib.ExitStack() as mounts:
             for name, blob in (("lower", lower_blob), ("upper", upper_blob)):
                 data = blob.read_bytes()
                 digest = "sha256:" + hashlib.sha256(data).hexdigest()
                 repo.push_blob(data, digest)
                 with FileSource(blob) as source:
                     toc = StargzReader.open(source).toc.digest
-                mnt = tmp_path / name
-                mnt.mkdir()
                 remote = RemoteOptions(cache_dir=str(tmp_path / "cache"), background_fetch=False)
-                pids.append(mount.start(f"registry://{registry.host}/lazy/ls@{digest}", mnt, toc_digest=toc, remote=remote))
-                dirs.append(mnt)
+                mounts.enter_context(mounted(f"registry://{registry.host}/lazy/ls@{digest}", tmp_path / name,
+                                             toc_digest=toc, remote=remote))
+                dirs.append(tmp_path / name)
             lower, upper = dirs
             with open(upper / "usr/bin/ls", "rb") as f:
                 f.read(4096)
@@ -202,7 +202,3 @@ def test_what_was_asked_before_the_peers_were_known_reaches_them_when_they_are(t
             assert mount.introduce_peers(dirs) == 2
             assert _wait_for(lambda: mount.status(lower)["dependencies"]["files_prefetched"] >= 5), mount.status(lower)
             assert mount.status(lower)["reads"] == 0
-        finally:
-            for mnt, pid in zip(dirs, pids):
-                force_unmount(mnt)
-                kill(pid)

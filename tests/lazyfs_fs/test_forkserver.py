@@ -15,7 +15,7 @@ from lazyfs import mount
 from lazyfs.forkserver import ForkServer, process_name
 from snapshotter.supervisor import MountSupervisor
 
-from .helpers import force_unmount, kill
+from .helpers import mounted
 
 
 def _stat_ppid(pid: int) -> int:
@@ -33,9 +33,7 @@ def fork_server(tmp_path: Path):
 def test_a_forked_mount_serves_and_outlives_the_server(crfs_blob, fork_server: ForkServer, tmp_path: Path) -> None:
     blob, build = crfs_blob
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    pid = mount.start(str(blob), mnt, toc_digest=build.toc_digest, fork_server=fork_server)
-    try:
+    with mounted(blob, mnt, toc_digest=build.toc_digest, fork_server=fork_server) as pid:
         assert Path(f"/proc/{pid}/comm").read_text().strip() == process_name(mnt)
         assert _stat_ppid(pid) != os.getpid()  # the server's child, in its own session
         assert os.getsid(pid) == pid
@@ -47,24 +45,15 @@ def test_a_forked_mount_serves_and_outlives_the_server(crfs_blob, fork_server: F
         assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1 localhost\n"
         mount.unmount(mnt)
         assert not mount.is_mounted(mnt)
-    finally:
-        force_unmount(mnt)
-        kill(pid)
 
 
 def test_without_a_running_server_the_process_is_started_directly(crfs_blob, tmp_path: Path) -> None:
     blob, build = crfs_blob
     server = ForkServer(tmp_path / "fs.sock")  # never started
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    pid = mount.start(str(blob), mnt, toc_digest=build.toc_digest, fork_server=server)
-    try:
+    with mounted(blob, mnt, toc_digest=build.toc_digest, fork_server=server) as pid:
         assert os.fsencode(str(mnt)) in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1 localhost\n"
-    finally:
-        mount.unmount(mnt)
-        force_unmount(mnt)
-        kill(pid)
 
 
 def test_a_bad_request_does_not_end_the_server(crfs_blob, fork_server: ForkServer, tmp_path: Path) -> None:
@@ -75,15 +64,8 @@ def test_a_bad_request_does_not_end_the_server(crfs_blob, fork_server: ForkServe
             sock.shutdown(socket.SHUT_WR)
             assert sock.recv(100) == b""  # no pid: refused
     blob, build = crfs_blob
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    pid = mount.start(str(blob), mnt, toc_digest=build.toc_digest, fork_server=fork_server)
-    try:
-        assert Path(f"/proc/{pid}/comm").read_text().strip() == process_name(mnt)
-    finally:
-        mount.unmount(mnt)
-        force_unmount(mnt)
-        kill(pid)
+    with mounted(blob, tmp_path / "mnt", toc_digest=build.toc_digest, fork_server=fork_server) as pid:
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == process_name(tmp_path / "mnt")
 
 
 def test_a_failing_mount_is_reported_with_its_log(fork_server: ForkServer, tmp_path: Path) -> None:
