@@ -153,6 +153,20 @@ class ChunkMemo:
                 del self._pending[key]
             pending.done.set()  # waiters find the chunk held, or fetch it themselves
 
+    async def read(self, chunks: Sequence[ChunkRef], offset: int, end: int) -> bytes | memoryview:
+        """Bytes ``[offset, end)`` of a file whose ``chunks`` (in file order)
+        cover them; raises ``ChunkUnavailable``. Within one chunk (nearly
+        every read) a ``memoryview`` of the held bytes, not a copy: a
+        chunk's bytes never change."""
+        if not chunks:
+            return b""
+        parts = []
+        for chunk, data in zip(chunks, await self.get_many(chunks)):
+            lo = max(offset - chunk.file_offset, 0)
+            hi = min(end - chunk.file_offset, chunk.size)
+            parts.append(memoryview(data)[lo:hi])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def get_many(self, chunks: Sequence[ChunkRef]) -> list[bytes]:
         """The bytes of each chunk, in order; raises ``ChunkUnavailable``."""
         found: dict[_Key, bytes] = {}

@@ -278,10 +278,7 @@ class DependencyPrefetcher:
     def _reader(self, entry: TocEntry) -> Callable[[int, int], Any]:
         async def read(offset: int, length: int) -> bytes:
             chunks = self.tree.toc.chunks_for_range(entry.name, offset, length)
-            datas = await self.memo.get_many(chunks)
-            data = b"".join(datas)
-            start = offset - chunks[0].file_offset if chunks else 0
-            return data[start : start + length]
+            return bytes(await self.memo.read(chunks, offset, min(offset + length, entry.size)))
 
         return read
 

@@ -265,9 +265,9 @@ class LayerFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         """The bytes at ``[off, off + size)`` of a file. A read within one
-        chunk (nearly all of them) is a ``memoryview`` of the memo's bytes,
-        not a copy: pyfuse3 takes any contiguous buffer, and a chunk's bytes
-        are immutable, so the view stays valid while the reply is written."""
+        chunk (nearly all of them) is a ``memoryview`` of the memo's bytes
+        (``ChunkMemo.read``): pyfuse3 takes any contiguous buffer, and the
+        view stays valid while the reply is written."""
         node = self._node(fh)
         entry = node.entry
         if self.accessed is not None:
@@ -276,17 +276,10 @@ class LayerFS(pyfuse3.Operations):
         if not chunks:
             return b""
         try:
-            datas = await self.memo.get_many(chunks)
+            result = await self.memo.read(chunks, off, min(off + size, entry.size))
         except Exception as exc:  # noqa: BLE001 - ChunkUnavailable, or a store bug: neither may kill the mount
             self._failed(entry.name, off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        end = min(off + size, entry.size)
-        parts = []
-        for chunk, data in zip(chunks, datas):
-            lo = max(off - chunk.file_offset, 0)
-            hi = min(end - chunk.file_offset, chunk.size)
-            parts.append(memoryview(data)[lo:hi])
-        result = parts[0] if len(parts) == 1 else b"".join(parts)
         if self.readahead_chunks:
             self._read_ahead(entry.chunks, chunks[-1])
         if off == 0 and self.dependencies is not None:

@@ -163,28 +163,25 @@ def introduce_peers(mountpoints: Sequence[str | os.PathLike[str]], *, timeout: f
     one of them gets its libraries fetched from the others ahead of time
     (``lazyfs.dependencies``). Best effort: how many took it."""
     controls = [str(control_path(m)) for m in mountpoints]
-    told = 0
-    for own in controls:
-        try:
-            control.ask(own, {"op": "peers", "controls": [c for c in controls if c != own]}, timeout=timeout)
-            told += 1
-        except control.ControlError as exc:
-            log.debug("%s", exc)
-    return told
+    return sum(_tell(own, {"op": "peers", "controls": [c for c in controls if c != own]}, timeout) for own in controls)
 
 
 def want_files(mountpoints: Sequence[str | os.PathLike[str]], paths: Sequence[str], *, timeout: float = 1.0) -> int:
     """Tell each layer mount that ``paths`` (absolute, in the merged view)
     are about to be opened: each fetches those it has, and what they load
     (``lazyfs.dependencies``). Best effort: how many took it."""
-    told = 0
-    for mountpoint in mountpoints:
-        try:
-            control.ask(control_path(mountpoint), {"op": "want", "wants": {"paths": list(paths)}}, timeout=timeout)
-            told += 1
-        except control.ControlError as exc:
-            log.debug("%s", exc)
-    return told
+    request = {"op": "want", "wants": {"paths": list(paths)}}
+    return sum(_tell(control_path(m), request, timeout) for m in mountpoints)
+
+
+def _tell(path: str | os.PathLike[str], request: dict[str, Any], timeout: float) -> bool:
+    """One best-effort request to a mount's control socket; whether it took it."""
+    try:
+        control.ask(path, request, timeout=timeout)
+        return True
+    except control.ControlError as exc:
+        log.debug("%s", exc)
+        return False
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:

@@ -226,10 +226,7 @@ class LayerMounts:
                     mount.want_files([self.mountpoint(digest)], files)
             if waiting:
                 time.sleep(0.01)
-        running = [d for d in digests if self._supervisor.running(d)]
-        if len(running) > 1:
-            self._remember_peers(running)
-            mount.introduce_peers([self.mountpoint(d) for d in running])
+        self._tell_peers([d for d in digests if self._supervisor.running(d)])
 
     def _settled(self, digest: str) -> bool:
         """Whether ``digest`` runs, or has failed to (no premount in progress, not held)."""
@@ -265,16 +262,18 @@ class LayerMounts:
         that a program starting from one layer has its libraries fetched
         from the others ahead of its reads."""
         digests = list(dict.fromkeys(digests))
+        if len(digests) > 1:
+            threading.Thread(target=self._tell_peers, args=(digests,), name="crfs-peers", daemon=True).start()
+
+    def _tell_peers(self, digests: Sequence[str]) -> None:
+        """Introduce these layers to each other, and remember it (a restarted
+        one is introduced again)."""
         if len(digests) < 2:
             return
-        self._remember_peers(digests)
-        mountpoints = [self.mountpoint(d) for d in digests]
-        threading.Thread(target=mount.introduce_peers, args=(mountpoints,), name="crfs-peers", daemon=True).start()
-
-    def _remember_peers(self, digests: Sequence[str]) -> None:
         with self._peers_lock:
             for digest in digests:
                 self._peers.setdefault(digest, set()).update(d for d in digests if d != digest)
+        mount.introduce_peers([self.mountpoint(d) for d in digests])
 
     def _restarted(self, digest: str) -> None:
         """A layer's new process knows no peers: introduce it again (in the
