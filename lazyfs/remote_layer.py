@@ -267,6 +267,7 @@ class RemoteLayer:
         self.store = store
         self.prefetcher = prefetcher
         self.hint = hint
+        self._not_local_at: tuple[int, int] | None = None  # store counters when a scan last found a chunk missing
 
     @classmethod
     def open(
@@ -313,15 +314,27 @@ class RemoteLayer:
         """Whether every chunk a read can ask for is in the cache (a read can
         no longer cause a fetch; the format's landmark files, which no read
         sees, do not count). Asks the cache about each chunk unless the
-        prefetcher has seen them all."""
+        prefetcher has seen them all, or this layer has cached or found
+        nothing since such a scan last failed (called again and again, it
+        must not stat every chunk each time; chunks another process caches
+        for the same blob are then seen at this layer's next cache event)."""
         if self.prefetcher is not None and self.prefetcher.progress()["percent"] >= 100.0:
             return True
         if self.store.cache is None:
             return False
+        # nothing cached or found in the cache since the last scan found a
+        # chunk missing: no need to ask the cache about every chunk again
+        counters = self.store.stats()
+        seen = (counters["chunks_cached"], counters["chunks_from_cache"])
+        if seen == self._not_local_at:
+            return False
         toc = self.reader.toc
         unseen = {chunk_key(c) for name in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK)
                   if (entry := toc.get(name)) is not None for c in entry.chunks}
-        return all(self.store.is_local(c) for c in self.store.layout if chunk_key(c) not in unseen)
+        local = all(self.store.is_local(c) for c in self.store.layout if chunk_key(c) not in unseen)
+        if not local:
+            self._not_local_at = seen
+        return local
 
     def status(self) -> dict[str, object]:
         """Counters of the fetcher and the cache, and prefetch progress."""
