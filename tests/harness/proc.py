@@ -86,7 +86,12 @@ def run(
             f"timed out after {timeout:.0f}s: {' '.join(argv)}\n"
             f"stdout: {_text(e.stdout)[-TAIL_BYTES:]}\nstderr: {_text(e.stderr)[-TAIL_BYTES:]}"
         ) from None
-    if check and proc.returncode != 0:
+    return checked(argv, proc) if check else proc
+
+
+def checked(argv: Sequence[str], proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``proc``, or HarnessError (command line, both streams' tails) if it failed."""
+    if proc.returncode != 0:
         raise HarnessError(
             f"exit {proc.returncode}: {' '.join(argv)}\n"
             f"stdout: {proc.stdout[-TAIL_BYTES:]}\nstderr: {proc.stderr[-TAIL_BYTES:]}"
