@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from harness.registry import Registry  # noqa: E402
+from kernel_probe import FuseRequests, large_folio_share, proactive_reclaim, reclaim_paused  # noqa: E402
 from lazyfs import mount  # noqa: E402
 from lazyfs.forkserver import ForkServer  # noqa: E402
 from lazyfs.layer_source import RemoteOptions  # noqa: E402
@@ -85,6 +86,15 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def add_requests(res: "Results", info: dict[str, object], key: str, requests: FuseRequests, runs: int) -> None:
+    """FUSE requests per run: the total as a result ``key``, and by opcode in
+    ``info[key]``, one dict per measurement."""
+    res.add(key, sum(requests.counts.values()) / runs)
+    by_op = info.setdefault(key, [])
+    assert isinstance(by_op, list)
+    by_op.append({opcode: round(n / runs, 1) for opcode, n in sorted(requests.counts.items())})
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -259,7 +269,8 @@ def machine() -> dict[str, str]:
                 break
     py311 = subprocess.run([PY, "-c", "import platform; print(platform.python_version())"], capture_output=True, text=True).stdout.strip()
     return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
-            "python": platform.python_version(), "python3.11 (imports)": py311}
+            "python": platform.python_version(), "python3.11 (imports)": py311,
+            "proactive reclaim": proactive_reclaim()}
 
 
 def start_fork_server(work: Path, stack: contextlib.ExitStack) -> ForkServer:
@@ -499,8 +510,11 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
             with ctx as (pid, took):
                 res.add(f"py_cold_{side}", timed(lambda: run_python(root)))
                 res.add(f"py_warm_{side}", timed(lambda: run_python(root)))
-                for _ in range(2):
-                    res.add(f"py_warm_{side}", timed(lambda: run_python(root)))
+                with FuseRequests(mp) if side == "lazy" else contextlib.nullcontext() as requests:
+                    for _ in range(2):
+                        res.add(f"py_warm_{side}", timed(lambda: run_python(root)))
+                if requests is not None and requests.available:
+                    add_requests(res, info, "py_warm_requests", requests, runs=2)
             if side == "lazy":  # cold from the local cache: new mount, same cache
                 drop_caches()
                 with mounts.mounted(tree_src, mp, tree_blob.toc_digest, work / f"cache-py-{rep}"):
@@ -532,6 +546,7 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
                 for _ in range(3):
                     res.add("seq_warm_plain", mbps(timed(lambda: read_all(target))))
                 res.add("rand_warm_plain", timed(lambda: random_reads(target, offsets)) / len(offsets) * 1e6)
+                res.add("large_folio_share_plain", large_folio_share(target)[0])
             else:
                 cache = work / f"cache-big-{rep}"
                 target = mp / BIG_NAME
@@ -545,10 +560,14 @@ def bench(args: argparse.Namespace, work: Path, mounts: Mounts, stack: contextli
                         info["big_status_after_cold_read"] = {k: v for k, v in mount.status(mp).items() if k not in ("source", "mountpoint", "toc_digest")}
                     before = mount.status(mp)["reads"]
                     settle()
-                    for _ in range(3):
-                        res.add("seq_warm_lazy", mbps(timed(lambda: read_all(target))))
-                    res.add("rand_warm_lazy", timed(lambda: random_reads(target, offsets)) / len(offsets) * 1e6)
+                    with FuseRequests(mp) as requests:
+                        for _ in range(3):
+                            res.add("seq_warm_lazy", mbps(timed(lambda: read_all(target))))
+                        res.add("rand_warm_lazy", timed(lambda: random_reads(target, offsets)) / len(offsets) * 1e6)
                     res.add("fuse_reads_during_warm", mount.status(mp)["reads"] - before)
+                    if requests.available:
+                        add_requests(res, info, "big_warm_requests", requests, runs=1)
+                    res.add("large_folio_share_lazy", large_folio_share(target)[0])
                     res.add("rss_big_kib", proc_status(pid)["VmRSS"])
                     res.add("hwm_big_kib", proc_status(pid)["VmHWM"])
                 drop_caches()
@@ -571,6 +590,7 @@ def report(args: argparse.Namespace, res: Results, info: dict[str, object]) -> N
                f" big layer: {args.big_mib} MiB random file, eStargz {info['big_blob_mb']} MB; 4 MiB chunks")
     out.append(f"    - imports checked with -v: plain {info['imports_plain (modules from tree / elsewhere)']},"
                f" lazyfs {info['imports_lazyfs (modules from mount / elsewhere)']} (modules from the tree / from elsewhere)")
+    out.append(f"    - the machine's own reclaim of idle page cache: {args.reclaim}")
     out.append(f"    - {args.reps} repetitions, interleaved (order flips each repetition); median (min-max)")
     out.append("")
     out.append("| measurement | plain dir | lazyfs | lazyfs/plain | target | met |")
@@ -628,6 +648,14 @@ def report(args: argparse.Namespace, res: Results, info: dict[str, object]) -> N
         out.append(f"| {label} | | {v:.1f} MiB ({min(res.data[key]) / 1024:.1f}-{max(res.data[key]) / 1024:.1f}) | | {limit} | {met} |")
     out.append("")
     out.append(f"FUSE read requests the daemon saw during the warm sequential + random reads: {res.med('fuse_reads_during_warm'):.0f}")
+    for key, label in (("py_warm_requests", "FUSE requests the kernel sent per warm python3.11 run"),
+                       ("big_warm_requests", "FUSE requests the kernel sent during the warm sequential + random reads")):
+        if key in res.data:
+            runs = "; ".join(", ".join(f"{op} {n:g}" for op, n in counts.items()) or "none" for counts in info[key])
+            out.append(f"{label} (tracefs): median {res.med(key):.0f}; by opcode, each repetition: {runs}")
+    if "large_folio_share_plain" in res.data:
+        out.append(f"Share of the big file's cached pages held in large folios after the warm reads: plain (ext4) "
+                   f"{res.med('large_folio_share_plain'):.0%}, lazyfs (FUSE) {res.med('large_folio_share_lazy'):.0%}")
     out.append(f"python3.11 on a mount that already did the storm (metadata warm, data cold): {res.med('py_meta_warm_data_cold_lazy'):.3f} s")
     out.append("")
     out.append("Mount counters (first repetition):")
@@ -652,6 +680,9 @@ def main() -> int:
     ap.add_argument("--only", choices=["rss", "coldcache"],
                     help="rss: only the tree layer's memory rows (direct and forked mount after the find + lstat storm);"
                          " coldcache: only the sequential read cold from the local cache against the plain directory cold")
+    ap.add_argument("--pause-reclaim", action="store_true",
+                    help="stop the machine's DAMON pageout (proactive reclaim of idle memory) for the run and start it again after:"
+                         " the warm rows then measure a page cache that stays warm")
     args = ap.parse_args()
     args.reps = args.reps or (2 if args.quick else 5)
     if os.geteuid() != 0:
@@ -666,7 +697,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="crfs-lazyfs-bench-", dir="/var/tmp"))
     mounts = Mounts()
     try:
+        args.reclaim = proactive_reclaim() + (" (stopped for this run: --pause-reclaim)" if args.pause_reclaim else "")
         with contextlib.ExitStack() as stack:
+            if args.pause_reclaim:
+                stopped = stack.enter_context(reclaim_paused())
+                log(f"stopped for the run: {', '.join('kdamond ' + k for k in stopped) or 'nothing (no kdamond running)'}")
             try:
                 bench(args, work, mounts, stack)
             finally:
