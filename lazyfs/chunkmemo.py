@@ -41,6 +41,7 @@ DEFAULT_READAHEAD_INFLIGHT = 1  # read-ahead loads running at once, per mount
 DEFAULT_LOCAL_READAHEAD_INFLIGHT = 3
 
 _EVICT_SCAN = 8  # oldest held chunks looked at for one that was read (see _hold)
+_ADVISED_KEPT = 64  # chunks advised lately, not advised again (their pages stay in the page cache a while)
 
 _Key = tuple[int, int]  # (blob_offset, inner_offset): unique per chunk in a layer
 
@@ -87,7 +88,15 @@ class ChunkMemo:
         self._local_readahead_running = 0  # of those, of chunks that were local
         # the store's "is this chunk on local disk" (a stat, no read of the chunk), if it has one
         self._is_local: Callable[[ChunkRef], bool] | None = getattr(store, "is_local", None)
+        # set by a reader that takes local chunks from their files (lazyfs.file_replies): a
+        # read-ahead of a local chunk then only has the kernel read its file ahead
+        self.advise_local: Callable[[ChunkRef], bool] | None = None
+        self._advised: OrderedDict[_Key, None] = OrderedDict()  # the last _ADVISED_KEPT chunks advised
         self.stats = MemoStats()
+
+    def holds(self, chunk: ChunkRef) -> bool:
+        """Whether ``chunk``'s bytes are in memory now."""
+        return _key(chunk) in self._held
 
     def read_ahead(self, chunks: Sequence[ChunkRef], *, remote: int | None = None) -> None:
         """Start loading those of ``chunks`` that are neither held nor being
@@ -101,7 +110,7 @@ class ChunkMemo:
             if self._readahead_running >= self._readahead_max + self._local_readahead_max:
                 return  # every slot taken: not even a stat
             key = _key(chunk)
-            if key in self._held or key in self._pending or chunk.size > self._max_bytes:
+            if key in self._held or key in self._pending or key in self._advised or chunk.size > self._max_bytes:
                 continue
             local = self._local(chunk)
             if local:
@@ -135,6 +144,9 @@ class ChunkMemo:
 
     async def _load_ahead(self, chunk: ChunkRef, pending: _Pending, local: bool = False) -> None:
         key = _key(chunk)
+        if local and self.advise_local is not None:
+            await self._advise_ahead(chunk, pending)
+            return
         try:
             # abandon_on_cancel: an unmount does not wait for a read-ahead
             datas = await trio.to_thread.run_sync(self._store.get_many, [chunk], abandon_on_cancel=True)
@@ -152,6 +164,28 @@ class ChunkMemo:
             if self._pending.get(key) is pending:
                 del self._pending[key]
             pending.done.set()  # waiters find the chunk held, or fetch it themselves
+
+    async def _advise_ahead(self, chunk: ChunkRef, pending: _Pending) -> None:
+        """A local chunk's read-ahead for ``advise_local``: its file into the
+        page cache, nothing held here."""
+        key = _key(chunk)
+        advise = self.advise_local
+        assert advise is not None
+        try:
+            if await trio.to_thread.run_sync(advise, chunk, abandon_on_cancel=True):
+                self._advised[key] = None
+                while len(self._advised) > _ADVISED_KEPT:
+                    self._advised.popitem(last=False)
+            else:
+                self.stats.readahead_errors += 1  # gone meanwhile: a read fetches it
+        except Exception:  # noqa: BLE001 - only a hint
+            self.stats.readahead_errors += 1
+        finally:
+            self._readahead_running -= 1
+            self._local_readahead_running -= 1
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+            pending.done.set()
 
     async def read(self, chunks: Sequence[ChunkRef], offset: int, end: int) -> bytes | memoryview:
         """Bytes ``[offset, end)`` of a file whose ``chunks`` (in file order)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -276,6 +277,23 @@ class RemoteChunks:
 
     def is_local(self, chunk: ChunkRef) -> bool:
         return self.cache is not None and self.cache.contains(self.blob_digest, chunk)
+
+    def open_local(self, chunk: ChunkRef) -> int | None:
+        """An fd of the chunk's verified bytes on local disk (``ChunkCache.open_checked``)."""
+        return self.cache.open_checked(self.blob_digest, chunk) if self.cache is not None else None
+
+    def advise_local(self, chunk: ChunkRef) -> bool:
+        """Have the kernel start reading the chunk's cache file into the page
+        cache (``POSIX_FADV_WILLNEED``; returns at once); False when it is not
+        on local disk."""
+        fd = self.open_local(chunk)
+        if fd is None:
+            return False
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+        return True
 
     def idle_seconds(self) -> float:
         """Seconds since a foreground read last fetched (0 while one does)."""

@@ -24,6 +24,8 @@ import trio
 from .chunkmemo import ChunkMemo
 from .chunks import ChunkStore
 from .dependencies import HEAD_BYTES, DependencyPrefetcher
+from .file_replies import FileReplies
+from .file_replies import enabled_for as file_replies_enabled_for
 from .stargz.toc import ChunkRef, Toc
 from .tree import OPAQUE_XATTRS, ROOT_INODE, LayerTree, Node
 
@@ -132,6 +134,11 @@ class LayerFS(pyfuse3.Operations):
         self.tree = LayerTree(toc, opaque_xattrs=opaque_xattrs)
         self.has_xattrs = self.tree.has_xattrs
         self.memo = memo if memo is not None else ChunkMemo(store)
+        # reads inside one local chunk answered from its cache file (lazyfs.file_replies)
+        self.file_replies: FileReplies | None = None
+        if file_replies_enabled_for(store):
+            self.file_replies = FileReplies(store.open_local)  # type: ignore[attr-defined]
+            self.memo.advise_local = store.advise_local  # type: ignore[attr-defined]
         # told of every read at offset 0 (lazyfs.dependencies; set by whoever serves a remote layer)
         self.dependencies: DependencyPrefetcher | None = None
         self.stats = FsStats()
@@ -263,7 +270,7 @@ class LayerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview | pyfuse3.FileRange:
         """The bytes at ``[off, off + size)`` of a file. A read within one
         chunk (nearly all of them) is a ``memoryview`` of the memo's bytes
         (``ChunkMemo.read``): pyfuse3 takes any contiguous buffer, and the
@@ -275,8 +282,18 @@ class LayerFS(pyfuse3.Operations):
         chunks = self.tree.toc.chunks_for_range(entry.name, off, size)
         if not chunks:
             return b""
+        end = min(off + size, entry.size)
+        if (self.file_replies is not None and len(chunks) == 1 and not self.memo.holds(chunks[0])
+                and not (off == 0 and self.dependencies is not None)):  # the dependency reader needs the head's bytes
+            reply = await self.file_replies.reply(chunks[0], off, end)
+            if reply is not None:
+                if self.readahead_chunks:
+                    self._read_ahead(entry.chunks, chunks[0])
+                self.stats.reads += 1
+                self.stats.bytes_read += end - off
+                return reply
         try:
-            result = await self.memo.read(chunks, off, min(off + size, entry.size))
+            result = await self.memo.read(chunks, off, end)
         except Exception as exc:  # noqa: BLE001 - ChunkUnavailable, or a store bug: neither may kill the mount
             self._failed(entry.name, off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -68,6 +68,7 @@ def serve(
                 "no_open": fs.no_open,
                 **asdict(fs.stats),
                 **asdict(fs.memo.stats),
+                **(asdict(fs.file_replies.stats) if fs.file_replies is not None else {}),
                 "store": layer.store_stats(),
                 "peers": len(peers.controls),
                 "hinted": layer.hinted,

@@ -156,3 +156,37 @@ def test_without_verify_after_boot_an_old_file_is_not_hashed(tmp_path: Path) -> 
     path.write_bytes(b"\x00" * len(data))
     os.utime(path, (1000, 1000))
     assert cache.get(BLOB, ref) == b"\x00" * len(data)
+
+
+def _read_fd(fd: int) -> bytes:
+    try:
+        return os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+
+
+def test_open_checked_gives_only_what_get_would_serve_unhashed(tmp_path: Path) -> None:
+    # lazyfs answers READs from the fd (lazyfs/file_replies.py): never a
+    # file get() would have to hash or refuse
+    cache = ChunkCache(tmp_path)
+    ref, data = chunk(5)
+    assert cache.open_checked(BLOB, ref) is None  # absent
+    cache.put(BLOB, ref, data)
+    fd = cache.open_checked(BLOB, ref)
+    assert fd is not None and _read_fd(fd) == data
+    path = cache.path_for(BLOB, ref)
+    os.utime(path, (1000, 1000))  # from before this boot: get() hashes it first
+    assert cache.open_checked(BLOB, ref) is None
+    assert cache.get(BLOB, ref) == data  # hashed, good, touched
+    fd = cache.open_checked(BLOB, ref)
+    assert fd is not None and _read_fd(fd) == data
+    path.write_bytes(data[:-1])  # short
+    assert cache.open_checked(BLOB, ref) is None
+
+
+def test_open_checked_declines_when_every_read_is_hashed(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, CacheConfig(verify_on_read=True))
+    ref, data = chunk(6)
+    cache.put(BLOB, ref, data)
+    assert cache.open_checked(BLOB, ref) is None
+    assert cache.get(BLOB, ref) == data

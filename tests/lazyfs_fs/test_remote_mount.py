@@ -394,3 +394,63 @@ def test_local_layer_in_a_user_namespace(layer: Layer, tmp_path: Path) -> None:
     status = json.loads(status_file.read_text())
     assert status["reads"] >= len(layer.files) - 1 and status["read_errors"] == 0
     assert not mount.is_mounted(mnt)
+
+
+# --- 6. reads from the local cache are answered from its files --------------------------
+
+
+def _read_by_chunk(path: Path, offset: int) -> bytes:
+    """The file's bytes from ``offset`` on, its pages dropped first, read one
+    64 KiB chunk (``CHUNK`` of these layers) at a time with the kernel's
+    read-ahead off: each READ then lies inside one chunk, and the first is
+    past offset 0 (a read at 0 also feeds the dependency reader, which
+    takes the memo's way)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        out = bytearray()
+        while block := os.pread(fd, 64 << 10, offset + len(out)):
+            out += block
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def test_cached_chunks_are_served_from_their_files_and_old_ones_hashed_first(remote: Remote, tmp_path: Path) -> None:  # noqa: F811
+    """A fresh mount on a filled cache answers reads from the chunk files
+    (``pyfuse3.FileRange``, lazyfs/file_replies.py): right bytes, nothing
+    fetched. A chunk file from before this boot whose bytes went bad is
+    hashed before any use, dropped and fetched again, never served."""
+    layer = remote.layer
+    big = {name: data for name, data in layer.files.items() if name.startswith("big/")}
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    args = ("--cache-dir", str(cache), "--no-background-fetch")
+    with crfs_mounted(source_of(remote), mnt, *args):
+        for name, data in big.items():
+            assert read_uncached(mnt / name) == data
+    chunk_files = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size >= 64 << 10]
+    assert chunk_files
+    bad = chunk_files[0]
+    with open(bad, "r+b") as f:  # same length, other bytes
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    os.utime(bad, (1, 1))  # written before this boot: due a hash when next used
+
+    with crfs_mounted(source_of(remote), mnt, *args):
+        remote.proxy.clear()
+        for name, data in big.items():
+            assert _read_by_chunk(mnt / name, 64 << 10) == data[64 << 10:], name
+        gets, _ = fetched(remote)
+        status = crfs_status(mnt)
+        assert status["store"]["cache"]["bad_entries"] == 1 and gets >= 1, (gets, status["store"])
+        assert status["file_replies"] >= len(big) - 1, status  # all but the refetched chunk's file
+        assert status["read_errors"] == 0
+
+        remote.proxy.clear()  # again: every chunk (the refetched one too) from its file, nothing fetched
+        replies = status["file_replies"]
+        for name, data in big.items():
+            assert _read_by_chunk(mnt / name, 64 << 10) == data[64 << 10:], name
+        assert fetched(remote) == (0, 0)
+        assert crfs_status(mnt)["file_replies"] >= replies + len(big)
