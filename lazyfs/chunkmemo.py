@@ -144,20 +144,13 @@ class ChunkMemo:
 
     async def _load_ahead(self, chunk: ChunkRef, pending: _Pending, local: bool = False) -> None:
         key = _key(chunk)
-        if local and self.advise_local is not None:
-            await self._advise_ahead(chunk, pending)
-            return
         try:
-            # abandon_on_cancel: an unmount does not wait for a read-ahead
-            datas = await trio.to_thread.run_sync(self._store.get_many, [chunk], abandon_on_cancel=True)
-            if len(datas) != 1 or len(datas[0]) != chunk.size:
-                raise ChunkUnavailable("store returned the wrong chunk")
+            if local and self.advise_local is not None:
+                await self._advise_ahead(chunk, self.advise_local)
+            else:
+                await self._hold_ahead(chunk)
         except Exception:  # noqa: BLE001 - ignored: a read of this chunk fetches it again and reports
             self.stats.readahead_errors += 1
-        else:
-            self.stats.chunks_fetched += 1
-            self.stats.bytes_fetched += len(datas[0])
-            self._hold(key, datas[0], unread=True)
         finally:
             self._readahead_running -= 1
             self._local_readahead_running -= local
@@ -165,27 +158,23 @@ class ChunkMemo:
                 del self._pending[key]
             pending.done.set()  # waiters find the chunk held, or fetch it themselves
 
-    async def _advise_ahead(self, chunk: ChunkRef, pending: _Pending) -> None:
+    async def _hold_ahead(self, chunk: ChunkRef) -> None:
+        # abandon_on_cancel: an unmount does not wait for a read-ahead
+        datas = await trio.to_thread.run_sync(self._store.get_many, [chunk], abandon_on_cancel=True)
+        if len(datas) != 1 or len(datas[0]) != chunk.size:
+            raise ChunkUnavailable("store returned the wrong chunk")
+        self.stats.chunks_fetched += 1
+        self.stats.bytes_fetched += len(datas[0])
+        self._hold(_key(chunk), datas[0], unread=True)
+
+    async def _advise_ahead(self, chunk: ChunkRef, advise: Callable[[ChunkRef], bool]) -> None:
         """A local chunk's read-ahead for ``advise_local``: its file into the
         page cache, nothing held here."""
-        key = _key(chunk)
-        advise = self.advise_local
-        assert advise is not None
-        try:
-            if await trio.to_thread.run_sync(advise, chunk, abandon_on_cancel=True):
-                self._advised[key] = None
-                while len(self._advised) > _ADVISED_KEPT:
-                    self._advised.popitem(last=False)
-            else:
-                self.stats.readahead_errors += 1  # gone meanwhile: a read fetches it
-        except Exception:  # noqa: BLE001 - only a hint
-            self.stats.readahead_errors += 1
-        finally:
-            self._readahead_running -= 1
-            self._local_readahead_running -= 1
-            if self._pending.get(key) is pending:
-                del self._pending[key]
-            pending.done.set()
+        if not await trio.to_thread.run_sync(advise, chunk, abandon_on_cancel=True):
+            raise ChunkUnavailable("not on local disk any more")  # gone meanwhile: a read fetches it
+        self._advised[_key(chunk)] = None
+        while len(self._advised) > _ADVISED_KEPT:
+            self._advised.popitem(last=False)
 
     async def read(self, chunks: Sequence[ChunkRef], offset: int, end: int) -> bytes | memoryview:
         """Bytes ``[offset, end)`` of a file whose ``chunks`` (in file order)

@@ -274,35 +274,32 @@ class LayerFS(pyfuse3.Operations):
         """The bytes at ``[off, off + size)`` of a file. A read within one
         chunk (nearly all of them) is a ``memoryview`` of the memo's bytes
         (``ChunkMemo.read``): pyfuse3 takes any contiguous buffer, and the
-        view stays valid while the reply is written."""
+        view stays valid while the reply is written; or, for a chunk in the
+        local cache, a ``FileRange`` of its file (``lazyfs.file_replies``)."""
         node = self._node(fh)
         entry = node.entry
+        end = min(off + size, entry.size)
         if self.accessed is not None:
-            add_range(self.accessed.setdefault(entry.name, []), off, min(off + size, entry.size))
+            add_range(self.accessed.setdefault(entry.name, []), off, end)
         chunks = self.tree.toc.chunks_for_range(entry.name, off, size)
         if not chunks:
             return b""
-        end = min(off + size, entry.size)
-        if (self.file_replies is not None and len(chunks) == 1 and not self.memo.holds(chunks[0])
-                and not (off == 0 and self.dependencies is not None)):  # the dependency reader needs the head's bytes
-            reply = await self.file_replies.reply(chunks[0], off, end)
-            if reply is not None:
-                if self.readahead_chunks:
-                    self._read_ahead(entry.chunks, chunks[0])
-                self.stats.reads += 1
-                self.stats.bytes_read += end - off
-                return reply
-        try:
-            result = await self.memo.read(chunks, off, end)
-        except Exception as exc:  # noqa: BLE001 - ChunkUnavailable, or a store bug: neither may kill the mount
-            self._failed(entry.name, off, size, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        head_wanted = off == 0 and self.dependencies is not None  # the dependency reader needs the head's bytes
+        result: bytes | memoryview | pyfuse3.FileRange | None = None
+        if self.file_replies is not None and len(chunks) == 1 and not self.memo.holds(chunks[0]) and not head_wanted:
+            result = await self.file_replies.reply(chunks[0], off, end)
+        if result is None:
+            try:
+                result = await self.memo.read(chunks, off, end)
+            except Exception as exc:  # noqa: BLE001 - ChunkUnavailable, or a store bug: neither may kill the mount
+                self._failed(entry.name, off, size, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         if self.readahead_chunks:
             self._read_ahead(entry.chunks, chunks[-1])
-        if off == 0 and self.dependencies is not None:
-            self.dependencies.file_read(node, bytes(result[:HEAD_BYTES]))
+        if head_wanted:  # then the bytes came from the memo
+            self.dependencies.file_read(node, bytes(result[:HEAD_BYTES]))  # type: ignore[union-attr,index]
         self.stats.reads += 1
-        self.stats.bytes_read += len(result)
+        self.stats.bytes_read += end - off
         return result
 
     async def release(self, fh: int) -> None:
