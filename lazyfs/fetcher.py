@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -283,17 +282,8 @@ class RemoteChunks:
         return self.cache.open_checked(self.blob_digest, chunk) if self.cache is not None else None
 
     def advise_local(self, chunk: ChunkRef) -> bool:
-        """Have the kernel start reading the chunk's cache file into the page
-        cache (``POSIX_FADV_WILLNEED``; returns at once); False when it is not
-        on local disk."""
-        fd = self.open_local(chunk)
-        if fd is None:
-            return False
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-        return True
+        """Have the kernel read the chunk's cache file ahead (``ChunkCache.advise``)."""
+        return self.cache is not None and self.cache.advise(self.blob_digest, chunk)
 
     def idle_seconds(self) -> float:
         """Seconds since a foreground read last fetched (0 while one does)."""

@@ -190,3 +190,15 @@ def test_open_checked_declines_when_every_read_is_hashed(tmp_path: Path) -> None
     cache.put(BLOB, ref, data)
     assert cache.open_checked(BLOB, ref) is None
     assert cache.get(BLOB, ref) == data
+
+
+def test_advise_is_only_a_hint(tmp_path: Path) -> None:
+    # the memo's local read-ahead (lazyfs/file_replies.py): not a hit, no LRU touch
+    cache = ChunkCache(tmp_path)
+    ref, data = chunk(7)
+    assert not cache.advise(BLOB, ref)  # absent
+    cache.put(BLOB, ref, data)
+    path = cache.path_for(BLOB, ref)
+    os.utime(path, (1000, 1000))
+    assert cache.advise(BLOB, ref)
+    assert cache.stats()["hits"] == 0 and path.stat().st_mtime == 1000
