@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from lazyfs.stargz.writer import build
+from lazyfs_fetch.conftest import build_layer
 
 from .helpers import mounted
 
@@ -16,15 +16,7 @@ from kernel_probe import FuseRequests, fuse_connection, large_folio_share, proac
 
 
 def _layer(tmp_path: Path) -> Path:
-    import tarfile
-
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "hello.txt").write_bytes(b"hello\n" * 5000)
-    with tarfile.open(tmp_path / "l.tar", "w", format=tarfile.PAX_FORMAT) as tf:
-        tf.add(src / "hello.txt", arcname="hello.txt")
-    build(tmp_path / "l.tar", tmp_path / "l.esgz")
-    return tmp_path / "l.esgz"
+    return build_layer(tmp_path, {"hello.txt": b"hello\n" * 5000}).path
 
 
 def test_requests_of_one_connection_are_counted_by_opcode(tmp_path: Path) -> None:

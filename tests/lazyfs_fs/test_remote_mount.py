@@ -95,15 +95,19 @@ def crfs_status(mnt: Path) -> dict:
     return json.loads(proc.stdout)
 
 
-def read_uncached(path: Path) -> bytes:
-    """The file's bytes, after dropping its pages (the mount sets keep_cache),
-    so the read really reaches the mount process."""
+def read_uncached(path: Path, offset: int = 0, *, block: int = 1 << 20, readahead: bool = True) -> bytes:
+    """The file's bytes from ``offset`` on, after dropping its pages (the
+    mount sets keep_cache), so the read really reaches the mount process.
+    Without ``readahead`` the kernel asks the mount for just the ``block``
+    bytes each read wants."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not readahead:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         out = bytearray()
-        while block := os.read(fd, 1 << 20):
-            out += block
+        while data := os.pread(fd, block, offset + len(out)):
+            out += data
         return bytes(out)
     finally:
         os.close(fd)
@@ -400,21 +404,11 @@ def test_local_layer_in_a_user_namespace(layer: Layer, tmp_path: Path) -> None:
 
 
 def _read_by_chunk(path: Path, offset: int) -> bytes:
-    """The file's bytes from ``offset`` on, its pages dropped first, read one
-    64 KiB chunk (``CHUNK`` of these layers) at a time with the kernel's
-    read-ahead off: each READ then lies inside one chunk, and the first is
-    past offset 0 (a read at 0 also feeds the dependency reader, which
-    takes the memo's way)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        out = bytearray()
-        while block := os.pread(fd, 64 << 10, offset + len(out)):
-            out += block
-        return bytes(out)
-    finally:
-        os.close(fd)
+    """``read_uncached`` one 64 KiB chunk (``CHUNK`` of these layers) at a
+    time with no read-ahead: each READ then lies inside one chunk, and the
+    first is past offset 0 (a read at 0 also feeds the dependency reader,
+    which takes the memo's way)."""
+    return read_uncached(path, offset, block=64 << 10, readahead=False)
 
 
 def test_cached_chunks_are_served_from_their_files_and_old_ones_hashed_first(remote: Remote, tmp_path: Path) -> None:  # noqa: F811
